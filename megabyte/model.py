@@ -1,0 +1,241 @@
+"""The MEGABYTE model (Yu et al. 2023, arXiv 2305.07185), one file, top to bottom.
+
+Shapes: ids (B, T); K = ceil(T / P) patches; the global transformer runs over (B, K, P*D_G),
+the local transformer over (B*K, P, D_L); logits (B, T, V).
+
+The three hot spots go through ``megabyte_kernels`` with the model's backend: the patch
+embedding, the global-to-local projection, and causal attention (global and local). Every
+parameter name follows the original implementation (github shjwudp/megabyte) where it has
+one; ``megabyte.compat`` maps the few that differ.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import namedtuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import megabyte_kernels as mk
+
+from .config import MegabyteConfig
+
+MegabyteOutput = namedtuple("MegabyteOutput", ["lm_logits", "loss", "metrics"])
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi slopes of the original ``megabyte_in_action``: ``2 ** (-8 i / n)``, i = 1..n."""
+    return torch.tensor([2.0 ** (-8.0 * i / n_heads) for i in range(1, n_heads + 1)])
+
+
+class Attention(nn.Module):
+    """Pre-LayerNorm causal attention; ``kv_heads`` key/value heads (1 = multi-query)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim // heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * self.dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * kv_heads * self.dim_head, bias=False)
+        self.to_out = nn.Linear(heads * self.dim_head, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, slopes: torch.Tensor | None, backend: str) -> torch.Tensor:
+        x = self.norm(x)
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.kv_heads) for t in self.to_kv(x).chunk(2, dim=-1))
+        out = mk.causal_attention(q, k, v, alibi_slopes=slopes, backend=backend)
+        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+
+
+class FeedForward(nn.Module):
+    """LayerNorm -> Linear(D, mult*D) -> GELU/ReLU -> Linear(mult*D, D)."""
+
+    def __init__(self, dim: int, mult: int, activation: str, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim * mult)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.fc2 = nn.Linear(dim * mult, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(self.norm(x))))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, cfg: MegabyteConfig):
+        super().__init__()
+        self.attn = Attention(dim, heads, kv_heads, cfg.dropout)
+        self.ff = FeedForward(dim, cfg.ff_mult, cfg.activation, cfg.dropout)
+
+    def forward(self, x, slopes, backend):
+        x = x + self.attn(x, slopes, backend)
+        return x + self.ff(x)
+
+
+class Transformer(nn.Module):
+    """A stack of pre-LN blocks, causal over dim 1 of (batch, n, dim); optional final norm."""
+
+    def __init__(self, dim: int, layers: int, heads: int, kv_heads: int, cfg: MegabyteConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(dim, heads, kv_heads, cfg) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim) if cfg.final_norm else nn.Identity()
+        self.register_buffer("slopes", alibi_slopes(heads) if cfg.positions == "alibi" else None,
+                             persistent=False)
+        self.checkpointing = False
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        slopes = self.slopes
+        for block in self.layers:
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, slopes, backend, use_reentrant=False)
+            else:
+                x = block(x, slopes, backend)
+        return self.norm(x)
+
+
+class Megabyte(nn.Module):
+    """MEGABYTE: a global transformer over patches of P bytes, a local one inside each patch.
+
+    ``Megabyte(config)(ids, return_loss=True)`` returns ``MegabyteOutput(lm_logits, loss,
+    metrics)``: logits (B, T, V) where position t predicts byte t from bytes < t; loss the
+    mean cross entropy (nats, computed in fp32) over targets that are not ``pad_id``.
+    ``backend`` overrides ``config.backend`` and the ``MEGABYTE_BACKEND`` environment variable.
+    """
+
+    def __init__(self, config: MegabyteConfig, backend: str | None = None):
+        super().__init__()
+        self.config = cfg = config
+        self.backend = backend or os.environ.get("MEGABYTE_BACKEND") or cfg.backend
+        if self.backend not in mk.BACKENDS:
+            raise ValueError(f"backend must be one of {mk.BACKENDS}, got {self.backend!r}")
+        V, P, D_G, D_L = cfg.V, cfg.P, cfg.D_G, cfg.D_L
+
+        # global model: byte table, positions, optional trainable pad patch
+        self.g_embedder = nn.Embedding(V, D_G)
+        self.g_pos_embedder = nn.Embedding(cfg.T_MAX, D_G) if cfg.positions == "learned" else None
+        self.g_pad_patch = nn.Parameter(torch.empty(P, D_G)) if cfg.pad == "trainable" else None
+        self.g_transformer = Transformer(P * D_G, cfg.g_nlayers, cfg.g_nheads, cfg.g_kv_heads, cfg)
+
+        # global-to-local: shared Linear(D_G, D_L) + the local byte embedding
+        self.gl_linear = nn.Linear(D_G, D_L)
+        if cfg.shared_embedding:  # in_action: E_L = to_l_embed(E_G)
+            self.l_embedder, self.to_l_embed = None, nn.Linear(D_G, D_L)
+        else:
+            self.l_embedder, self.to_l_embed = nn.Embedding(V, D_L), None
+        self.l_pad = nn.Parameter(torch.empty(D_L)) if cfg.pad == "trainable" else None
+        self.l_transformer = Transformer(D_L, cfg.l_nlayers, cfg.l_nheads, cfg.l_kv_heads, cfg)
+
+        self.to_logits = nn.Linear(D_L, V)
+        self._init_weights()
+        if cfg.tie_head:
+            self.to_logits.weight = self.l_embedder.weight
+
+    def _init_weights(self) -> None:
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.g_pad_patch, self.l_pad):
+            if p is not None:
+                nn.init.normal_(p, 0.0, std)
+
+    def set_checkpointing(self, global_model: bool = True, local_model: bool = True) -> None:
+        """Activation checkpointing per transformer (recompute blocks in backward)."""
+        self.g_transformer.checkpointing = global_model
+        self.l_transformer.checkpointing = local_model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: torch.Tensor, return_loss: bool = False, return_metrics: bool = False) -> MegabyteOutput:
+        cfg = self.config
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError(f"ids must be a (B, T) integer tensor, got {getattr(ids, 'shape', type(ids))}")
+        B, T = ids.shape
+        P = cfg.P
+        K = -(-T // P)
+        if cfg.positions == "learned" and K * P > cfg.T_MAX:
+            raise ValueError(
+                f"sequence length T={T} (padded to {K * P} = K*P) exceeds T_MAX={cfg.T_MAX} of the learned "
+                "position table; use a shorter input, a larger T_MAX, or positions='alibi'/'none'"
+            )
+        metrics = {} if return_metrics else None
+
+        # 1. patch embedding: (B, T) -> (B, K, P*D_G)
+        pos = self.g_pos_embedder.weight if self.g_pos_embedder is not None else None
+        global_in = mk.patch_embed(ids, self.g_embedder.weight, pos, patch_size=P, pad_id=cfg.pad_id,
+                                   pad_patch=self.g_pad_patch, backend=self.backend)
+        # 2. global transformer, causal over the K patches
+        global_out = self.g_transformer(global_in, self.backend)
+        # 3. global-to-local: (B, K, P*D_G) -> (B*K, P, D_L); params cast to the activations'
+        #    dtype so that autocast's bf16 activations meet fp32 parameters
+        dt = global_out.dtype
+        if self.l_embedder is not None:
+            local_table = self.l_embedder.weight
+        else:
+            local_table = self.to_l_embed(self.g_embedder.weight)
+        local_in = mk.global_to_local(
+            global_out, ids, self.gl_linear.weight.to(dt), self.gl_linear.bias.to(dt), local_table.to(dt),
+            patch_size=P, pad_id=cfg.pad_id, cross_patch=cfg.cross_patch_shift,
+            local_pad=self.l_pad.to(dt) if self.l_pad is not None else None, backend=self.backend,
+        )
+        # 4. local transformer, causal inside each patch
+        local_out = self.l_transformer(local_in, self.backend)
+        # 5. head
+        lm_logits = self.to_logits(local_out).reshape(B, K * P, cfg.V)[:, :T]
+
+        loss = None
+        if return_loss:
+            loss = F.cross_entropy(lm_logits.float().reshape(-1, cfg.V), ids.reshape(-1), ignore_index=cfg.pad_id)
+        if return_metrics:
+            metrics.update(global_in_norm=global_in.norm(), global_out_norm=global_out.norm(),
+                           local_in_norm=local_in.norm(), local_out_norm=local_out.norm())
+            if loss is not None:
+                metrics["bits_per_byte"] = loss.detach() / torch.log(torch.tensor(2.0))
+        return MegabyteOutput(lm_logits=lm_logits, loss=loss, metrics=metrics)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically per file)."""
+        from safetensors.torch import save_model
+
+        os.makedirs(directory, exist_ok=True)
+        cfg_path = os.path.join(directory, "config.json")
+        with open(cfg_path + ".tmp", "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        os.replace(cfg_path + ".tmp", cfg_path)
+        w_path = os.path.join(directory, "model.safetensors")
+        save_model(self, w_path + ".tmp")
+        os.replace(w_path + ".tmp", w_path)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, backend: str | None = None, map_location: str = "cpu") -> "Megabyte":
+        """Load a model written by :meth:`save_pretrained`."""
+        from safetensors.torch import load_model
+
+        cfg_path = os.path.join(directory, "config.json")
+        w_path = os.path.join(directory, "model.safetensors")
+        for p in (cfg_path, w_path):
+            if not os.path.isfile(p):
+                raise ValueError(f"{directory!r} is not a Megabyte checkpoint: {os.path.basename(p)} is missing")
+        try:
+            with open(cfg_path) as f:
+                cfg = MegabyteConfig.from_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        model = cls(cfg, backend=backend)
+        try:
+            load_model(model, w_path, strict=True, device=map_location)
+        except Exception as e:  # truncated / corrupted file, or weights of another config
+            raise ValueError(f"cannot load weights from {w_path}: {e}") from None
+        return model
