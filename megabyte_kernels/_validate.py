@@ -52,6 +52,12 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int, *, ndim: int = 2) -
         raise ValueError(f"{name} must have shape (B, T), got {tuple(ids.shape)}")
     if ids.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(ids.shape)}")
+    if torch.compiler.is_compiling():
+        # inside a compiled graph a data-dependent Python branch would break the graph: the
+        # check becomes an assertion the graph itself runs (an error, never an OOB read)
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(),
+                            f"{name} must lie in [0, {vocab_size})")
+        return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
