@@ -1,12 +1,17 @@
 """Fused op 1: patch embedding (shift by one patch, gather, position add, patch layout)."""
 from __future__ import annotations
 
+import sys
+from typing import Optional
+
 import torch
+import triton
+import triton.language as tl
 
 from . import reference
 from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, check_same_device,
                         check_same_dtype, check_shape, num_patches)
-from .backends import resolve_backend
+from .backends import interpreting, resolve_backend
 
 IMPLS = {"reference": reference.patch_embed}
 
@@ -54,3 +59,302 @@ def patch_embed(
     check_patch_embed_args(ids, token_table, pos_table, patch_size, pad_id, pad_patch)
     impl = resolve_backend(backend, token_table.device, IMPLS, "patch_embed")
     return impl(ids, token_table, pos_table, patch_size=patch_size, pad_id=pad_id, pad_patch=pad_patch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backend
+#
+# Forward: one pass over the (B*K*P, D_G) output; each program computes the shifted global id
+# of BLOCK_R rows, gathers their token rows (or pad-patch rows), adds the position rows and
+# writes the patched layout directly (the (B, K, P*D_G) output *is* (B*K*P, D_G) row-major).
+#
+# Backward, deterministic, no atomics:
+#   * token table (and pad patch): a one-hot matmul on tensor cores,
+#     ``dE_ext = onehot(codes)^T @ dOut`` with ``codes`` the shifted global id of each row
+#     (V + p for the rows of the first patch when a pad patch is used, so the pad patch's
+#     gradient comes out as P extra rows of the same product). We chose the one-hot matmul
+#     over a sorted segment sum because V is tiny (256-512): the one-hot tile is built in
+#     registers from the ids (nothing to sort, no argsort/gather pass over dOut), its entries
+#     are exactly 0/1 so fp16/bf16 tensor-core products are exact with fp32 accumulation, and
+#     the work is perfectly balanced whatever the byte histogram (a segment sum would give one
+#     program the huge pad/space segments). The row dimension is split over programs; each
+#     split writes its own fp32 partial and a second kernel sums the partials in a fixed order.
+#   * positions (and nothing else): ``dPos[t] = sum_b dOut[b, t]``, one program per tile of
+#     (t, d) looping over the batch in order; rows of pos_table past K*P get zeros.
+# ----------------------------------------------------------------------------------------------
+
+def _alloc(shape, dtype, device):
+    """Every output buffer of the Triton path comes from here (tests prefill it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _pinned() -> bool:
+    """One fixed config under pytest or the interpreter (multi-config autotune fails there)."""
+    return interpreting() or "pytest" in sys.modules
+
+
+def _configs(full, pinned):
+    return [pinned] if _pinned() else full
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """bf16 arithmetic is wrong in the interpreter: there, tiles are cast to fp32 after loading."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs honour torch's TF32 switch (off by default) like torch.matmul does."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+@triton.jit
+def _shifted_global_id(Ids, b, t, T, stride_ib, stride_it, P, pad_id, mask):
+    """g_ids[b, t] = ids[b, t - P] for P <= t < T + P, else pad_id (shift + right padding)."""
+    src = t - P
+    valid = mask & (src >= 0) & (src < T)
+    g = tl.load(Ids + b * stride_ib + src * stride_it, mask=valid, other=pad_id)
+    return g.to(tl.int64)
+
+
+@triton.autotune(
+    configs=_configs(
+        [triton.Config({"BLOCK_R": r, "BLOCK_D": d}, num_warps=w)
+         for r, d, w in ((16, 128, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (2, 1024, 8))],
+        triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=4),
+    ),
+    key=["D", "HAS_POS", "HAS_PAD_PATCH"],
+)
+@triton.jit
+def _patch_embed_fwd_kernel(
+    Ids, Table, Pos, PadPatch, Out,
+    N, T, KP, D, P, pad_id, stride_ib, stride_it,
+    HAS_POS: tl.constexpr, HAS_PAD_PATCH: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Out[(b*KP + t), :] = Table[g_ids[b, t]] (or PadPatch[t] for t < P) + Pos[t]."""
+    tl.static_assert(BLOCK_D % 16 == 0, "BLOCK_D must be a multiple of 16 for vector stores")
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, t), int64 offsets
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    cmask = cols < D
+    b = rows // KP
+    t = rows % KP
+    g = _shifted_global_id(Ids, b, t, T, stride_ib, stride_it, P, pad_id, rmask)
+    m2 = rmask[:, None] & cmask[None, :]
+    if HAS_PAD_PATCH:
+        first = t < P
+        acc = tl.load(Table + g[:, None] * D + cols[None, :], mask=m2 & ~first[:, None], other=0.0)
+        acc = acc.to(tl.float32)
+        pad = tl.load(PadPatch + t[:, None] * D + cols[None, :], mask=m2 & first[:, None], other=0.0)
+        acc = tl.where(first[:, None], pad.to(tl.float32), acc)
+    else:
+        acc = tl.load(Table + g[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    if HAS_POS:
+        acc += tl.load(Pos + t[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    tl.store(Out + rows[:, None] * D + cols[None, :], acc.to(Out.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _onehot_grad_kernel(
+    Codes, G, Partial,
+    N, D, VE, rows_per_split, ones_row,
+    BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Partial[s, v, :] = sum over rows n of split s with codes[n] == v (or v == ones_row) of G[n, :].
+
+    One (BLOCK_V, BLOCK_N) one-hot tile times one (BLOCK_N, BLOCK_D) tile of G per step, on
+    tensor cores; the one-hot entries are exactly 0 or 1 so every product is exact and the sum
+    is fp32. ``ones_row`` (or -1) is a row of all ones: the column sum of G (a bias gradient).
+    """
+    tl.static_assert(BLOCK_V >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    pid_v = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    vs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    start = pid_s.to(tl.int64) * rows_per_split
+    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
+    for i in range(0, tl.cdiv(rows_per_split, BLOCK_N)):
+        ns = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = (ns < N) & (ns < start + rows_per_split)
+        codes = tl.load(Codes + ns, mask=nmask, other=-1)
+        hit = (codes[None, :] == vs[:, None]) | ((vs[:, None] == ones_row) & nmask[None, :])
+        g = tl.load(G + ns[:, None] * D + cols[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            g = g.to(tl.float32)
+        acc = tl.dot(hit.to(g.dtype), g, acc, input_precision=PRECISION)
+    out = Partial + pid_s.to(tl.int64) * VE * D + vs[:, None].to(tl.int64) * D + cols[None, :]
+    tl.store(out, acc, mask=(vs[:, None] < VE) & cmask[None, :])
+
+
+@triton.jit
+def _sum_leading_kernel(
+    X, Out, S, R_in, R_out, D, stride_xs,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Out[r, :] = sum_{s < S} X[s, r, :] for r < R_in, 0 for R_in <= r < R_out (fixed order).
+
+    X is (S, R_in, D) with rows of stride D and a leading stride ``stride_xs``.
+    """
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    lmask = (rows < R_in)[:, None] & cmask[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    x_ptrs = X + rows[:, None] * D + cols[None, :]
+    for _ in range(0, S):
+        acc += tl.load(x_ptrs, mask=lmask, other=0.0).to(tl.float32)
+        x_ptrs += stride_xs  # pointer increments: 64-bit, no int32 product s * stride
+    smask = (rows < R_out)[:, None] & cmask[None, :]
+    tl.store(Out + rows[:, None] * D + cols[None, :], acc.to(Out.dtype.element_ty), mask=smask)
+
+
+def _sum_leading(x: torch.Tensor, r_out: int, dtype: torch.dtype) -> torch.Tensor:
+    """(S, R, D) contiguous -> (r_out, D) in ``dtype``: the sum over S, zero rows past R."""
+    S, R, D = x.shape
+    out = _alloc((r_out, D), dtype, x.device)
+    BLOCK_R, BLOCK_D = (16, 32) if _pinned() else (8, 256)
+    grid = (triton.cdiv(r_out, BLOCK_R), triton.cdiv(D, BLOCK_D))
+    _sum_leading_kernel[grid](x, out, S, R, r_out, D, R * D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    return out
+
+
+def _onehot_grad(codes: torch.Tensor, g: torch.Tensor, ve: int, ones_row: int = -1) -> torch.Tensor:
+    """(VE, D) fp32 ``onehot(codes)^T @ g`` for codes (N,) int32 and g (N, D) contiguous.
+
+    Deterministic: the N rows are split over programs with fixed boundaries, each split writes
+    its own fp32 partial, and the partials are summed in a fixed order.
+    """
+    N, D = g.shape
+    if _pinned():
+        BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = 16, 16, 32, 4, 1
+        target = 2  # two splits: exercise the partial reduction with few interpreted ops
+    else:
+        BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = 128, 64, 128, 8, 3
+        target = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count
+    tiles = triton.cdiv(ve, BLOCK_V) * triton.cdiv(D, BLOCK_D)
+    n_blocks = triton.cdiv(N, BLOCK_N)
+    splits = max(1, min(n_blocks, triton.cdiv(target, tiles)))
+    rows_per_split = triton.cdiv(n_blocks, splits) * BLOCK_N
+    splits = triton.cdiv(N, rows_per_split)
+    partial = _alloc((splits, ve, D), torch.float32, g.device)
+    grid = (triton.cdiv(ve, BLOCK_V), triton.cdiv(D, BLOCK_D), splits)
+    _onehot_grad_kernel[grid](
+        codes, g, partial, N, D, ve, rows_per_split, ones_row,
+        BLOCK_V=BLOCK_V, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        UPCAST=_upcast(g.dtype), PRECISION=_dot_precision(g.dtype), num_warps=warps, num_stages=stages,
+    )
+    if splits == 1:
+        return partial[0]
+    return _sum_leading(partial, ve, torch.float32)
+
+
+def _global_codes(ids: torch.Tensor, V: int, P: int, pad_id: int, has_pad_patch: bool) -> torch.Tensor:
+    """(B*K*P,) int32: the shifted global id of each output row, V + p for pad-patch rows."""
+    ids = reference._pad_to_patches(ids.to(torch.int32), P, pad_id)
+    B, KP = ids.shape
+    codes = torch.full((B, KP), pad_id, dtype=torch.int32, device=ids.device)
+    codes[:, P:] = ids[:, : KP - P]
+    if has_pad_patch:
+        codes[:, :P] = V + torch.arange(P, dtype=torch.int32, device=ids.device)
+    return codes.reshape(-1)
+
+
+@torch.library.custom_op("megabyte::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd(ids: torch.Tensor, token_table: torch.Tensor, pos_table: Optional[torch.Tensor],
+                     pad_patch: Optional[torch.Tensor], patch_size: int, pad_id: int) -> torch.Tensor:
+    P = patch_size
+    B, T = ids.shape
+    V, D = token_table.shape
+    KP = num_patches(T, P) * P
+    table = token_table.contiguous()
+    pos = pos_table.contiguous() if pos_table is not None else table  # dummy pointer when absent
+    pad = pad_patch.contiguous() if pad_patch is not None else table
+    out = _alloc((B, KP // P, P * D), token_table.dtype, token_table.device)
+    N = B * KP
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
+    _patch_embed_fwd_kernel[grid](
+        ids, table, pos, pad, out, N, T, KP, D, P, pad_id, ids.stride(0), ids.stride(1),
+        HAS_POS=pos_table is not None, HAS_PAD_PATCH=pad_patch is not None,
+    )
+    return out
+
+
+@_patch_embed_fwd.register_fake
+def _(ids, token_table, pos_table, pad_patch, patch_size, pad_id):
+    B, T = ids.shape
+    K = (T + patch_size - 1) // patch_size
+    return token_table.new_empty((B, K, patch_size * token_table.shape[1]))
+
+
+@torch.library.custom_op("megabyte::patch_embed_bwd", mutates_args=())
+def _patch_embed_bwd(grad: torch.Tensor, ids: torch.Tensor, vocab_size: int, pos_rows: int, patch_size: int,
+                     pad_id: int, has_pos: bool, has_pad_patch: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d token_table (V, D), d pos_table (pos_rows, D) or empty, d pad_patch (P, D) or empty)."""
+    P, V = patch_size, vocab_size
+    B, K, PD = grad.shape
+    D = PD // P
+    g = grad.contiguous().view(B * K * P, D)
+    codes = _global_codes(ids, V, P, pad_id, has_pad_patch)
+    ve = V + (P if has_pad_patch else 0)
+    ext = _onehot_grad(codes, g, ve)  # (ve, D) fp32
+    d_table = ext[:V].to(grad.dtype, copy=True)  # copies: custom_op outputs may not alias
+    d_pad = ext[V:].to(grad.dtype, copy=True) if has_pad_patch else grad.new_empty((0, D))
+    if has_pos:
+        d_pos = _sum_leading(g.view(B, K * P, D), pos_rows, grad.dtype)
+    else:
+        d_pos = grad.new_empty((0, D))
+    return d_table, d_pos, d_pad
+
+
+@_patch_embed_bwd.register_fake
+def _(grad, ids, vocab_size, pos_rows, patch_size, pad_id, has_pos, has_pad_patch):
+    D = grad.shape[2] // patch_size
+    return (grad.new_empty((vocab_size, D)), grad.new_empty((pos_rows if has_pos else 0, D)),
+            grad.new_empty((patch_size if has_pad_patch else 0, D)))
+
+
+def _patch_embed_setup_context(ctx, inputs, output):
+    ids, token_table, pos_table, pad_patch, patch_size, pad_id = inputs
+    ctx.save_for_backward(ids)
+    ctx.meta = (token_table.shape[0], pos_table.shape[0] if pos_table is not None else 0, patch_size, pad_id,
+                pos_table is not None, pad_patch is not None)
+
+
+def _patch_embed_backward(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    V, pos_rows, P, pad_id, has_pos, has_pad = ctx.meta
+    d_table, d_pos, d_pad = _patch_embed_bwd(grad, ids, V, pos_rows, P, pad_id, has_pos, has_pad)
+    return None, d_table, d_pos if has_pos else None, d_pad if has_pad else None, None, None
+
+
+_patch_embed_fwd.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup_context)
+
+
+def patch_embed_triton(
+    ids: torch.Tensor,
+    token_table: torch.Tensor,
+    pos_table: torch.Tensor | None = None,
+    *,
+    patch_size: int,
+    pad_id: int,
+    pad_patch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton patch embedding, same signature and math as :func:`reference.patch_embed`.
+
+    Inputs are validated by the public :func:`patch_embed`. ids (B, T) any integer dtype, read
+    in place through its strides; tables made contiguous. Returns (B, K, P*D_G).
+    """
+    return _patch_embed_fwd(ids, token_table, pos_table, pad_patch, patch_size, pad_id)
+
+
+IMPLS["triton"] = patch_embed_triton
