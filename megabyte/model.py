@@ -43,11 +43,16 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(heads * self.dim_head, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, slopes: torch.Tensor | None, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slopes: torch.Tensor | None, backend: str, cache=None) -> torch.Tensor:
+        """``cache``: None, or one layer's key/value cache (``megabyte.generation.LayerCache``):
+        the new positions of ``x`` attend to the cached ones and are appended to them."""
         x = self.norm(x)
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.kv_heads) for t in self.to_kv(x).chunk(2, dim=-1))
-        out = mk.causal_attention(q, k, v, alibi_slopes=slopes, backend=backend)
+        if cache is None:
+            out = mk.causal_attention(q, k, v, alibi_slopes=slopes, backend=backend)
+        else:
+            out = cache.attend(q, k, v, slopes)
         return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
 
 
@@ -72,8 +77,8 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, kv_heads, cfg.dropout)
         self.ff = FeedForward(dim, cfg.ff_mult, cfg.activation, cfg.dropout)
 
-    def forward(self, x, slopes, backend):
-        x = x + self.attn(x, slopes, backend)
+    def forward(self, x, slopes, backend, cache=None):
+        x = x + self.attn(x, slopes, backend, cache)
         return x + self.ff(x)
 
 
@@ -88,10 +93,13 @@ class Transformer(nn.Module):
                              persistent=False)
         self.checkpointing = False
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str, cache=None) -> torch.Tensor:
+        """``cache``: None, or a sequence of per-layer key/value caches (incremental decoding)."""
         slopes = self.slopes
-        for block in self.layers:
-            if self.checkpointing and self.training:
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                x = block(x, slopes, backend, cache[i])
+            elif self.checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, slopes, backend, use_reentrant=False)
             else:
                 x = block(x, slopes, backend)
@@ -203,6 +211,15 @@ class Megabyte(nn.Module):
             if loss is not None:
                 metrics["bits_per_byte"] = loss.detach() / torch.log(torch.tensor(2.0))
         return MegabyteOutput(lm_logits=lm_logits, loss=loss, metrics=metrics)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None, seed: int | None = None):
+        """Cached incremental decoding; see :func:`megabyte.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, prompt_ids, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_id=eos_id, seed=seed)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str) -> None:
