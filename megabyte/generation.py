@@ -1,0 +1,520 @@
+"""Generation: cached incremental decoding, sampling, and the full-recompute reference loop.
+
+MEGABYTE decodes in two clocks. The global transformer runs once per patch: the input of patch
+``k`` is the embedding of the P bytes of patch ``k - 1`` (DESIGN.md §2 step 1), so as soon as a
+patch is complete the next patch's global output can be computed, and with it the global-to-local
+projection of all P slots of that patch. The local transformer runs once per byte, causal inside
+the patch, so its cache is emptied at every patch border.
+
+Cache layout (:class:`KVCache`, one per transformer): for each layer, keys and values in
+preallocated buffers ``(B, C, Hkv, d)`` (C positions: patches for the global model, P for the
+local one) and per-row lengths ``(B,)`` kept on the host. A step runs on a subset of rows; the
+``n`` new positions of row ``b`` are ``lengths[b] .. lengths[b] + n - 1`` and attend to all
+positions ``<=`` themselves, with the ALiBi bias ``-slope_h * (i - j)`` at absolute positions —
+the math of :func:`megabyte_kernels.reference.causal_attention`, done here with
+``F.scaled_dot_product_attention`` and an explicit mask (1 query against many keys is not the
+square causal attention the kernels implement).
+
+Patch bookkeeping, per row, with ``t`` the number of known bytes (the next byte to predict is
+byte ``t``, in patch ``t // P`` at slot ``t % P``):
+
+* prefill: the global model runs over patches ``0 .. t // P`` in one pass (patch ``t // P``'s
+  input is the last *complete* patch, so a prompt whose length is not a multiple of P is fine),
+  then the local model over slots ``0 .. t % P`` of the current patch in one pass;
+* each decode step appends the sampled byte; when that completes a patch (``t % P == 0``) the
+  row takes one global step and its local cache is reset; then every active row takes one local
+  step. Rows are *ragged*: each prompt keeps its own length and patch phase, so there is no
+  left-padding and no pad byte ever enters the model (see :func:`generate`).
+
+Positions: with ``positions="learned"`` byte ``t`` needs row ``(t // P + 1) * P - 1`` of the
+table, exactly as the full forward over ``t + 1`` bytes does; :func:`generate` raises a clear
+``ValueError`` before decoding when that passes ``T_MAX``. ALiBi and ``none`` generate past it.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KVCache", "CachedDecoder", "generate", "generate_stream", "generate_uncached", "sample_next",
+           "as_prompts"]
+
+
+# ----------------------------------------------------------------------------------------------
+# key/value cache
+
+
+class LayerCache:
+    """One attention layer's keys and values; the bookkeeping lives in the parent :class:`KVCache`.
+
+    ``Attention.forward(x, slopes, backend, cache=layer_cache)`` calls :meth:`attend`.
+    """
+
+    def __init__(self, parent: "KVCache", kv_heads: int, dim_head: int, device, dtype):
+        self.parent = parent
+        self.k = torch.zeros(parent.B, parent.C, kv_heads, dim_head, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None) -> torch.Tensor:
+        """Append the new keys/values and attend: q (R, Hq, n, d), k/v (R, Hkv, n, d) -> (R, Hq, n, d).
+
+        ``o[r, h, i] = sum_{j <= pos_r + i} softmax_j(q·k_j / sqrt(d) - slope_h (pos_r + i - j)) v_j``.
+        """
+        p = self.parent
+        R, Hq, n, d = q.shape
+        Hkv = k.shape[1]
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (R, n, Hkv, d)
+        if p.uniform:  # every row at the same position: plain slices
+            s = p.start
+            if p.rows is None:
+                self.k[:, s:s + n] = kt
+                self.v[:, s:s + n] = vt
+                keys, vals = self.k[:, :s + n], self.v[:, :s + n]
+            else:
+                self.k[p.rows, s:s + n] = kt
+                self.v[p.rows, s:s + n] = vt
+                keys, vals = self.k[p.rows, :s + n], self.v[p.rows, :s + n]
+        else:
+            r = p.rows_or_all()
+            idx = p.pos[:, None] + torch.arange(n, device=p.pos.device)  # (R, n)
+            self.k[r[:, None], idx] = kt
+            self.v[r[:, None], idx] = vt
+            keys, vals = self.k[r, :p.span], self.v[r, :p.span]
+        keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # (R, Hkv, L, d)
+        if Hkv != Hq:  # grouped-query: query head h reads key/value head h // (Hq / Hkv)
+            G, L = Hq // Hkv, keys.shape[2]
+            keys = keys[:, :, None].expand(R, Hkv, G, L, d).reshape(R, Hq, L, d)
+            vals = vals[:, :, None].expand(R, Hkv, G, L, d).reshape(R, Hq, L, d)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=p.mask(slopes, q.dtype))
+
+
+class KVCache:
+    """Key/value cache of one transformer for ``batch`` rows of ``capacity`` positions each.
+
+    Per layer (``cache[i]``, a :class:`LayerCache`): keys and values ``(B, C, Hkv, d)``.
+    ``lengths`` (B,) int64 on the host: row b holds positions ``[0, lengths[b])``. A step is
+    ``begin(rows, n)``, the transformer's forward with ``cache=self``, then ``end()``.
+    """
+
+    def __init__(self, transformer, batch: int, capacity: int, device, dtype):
+        self.B, self.C, self.device = batch, capacity, device
+        self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.layers = [LayerCache(self, blk.attn.kv_heads, blk.attn.dim_head, device, dtype)
+                       for blk in transformer.layers]
+        self.rows = None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def rows_or_all(self) -> torch.Tensor:
+        return self.rows if self.rows is not None else torch.arange(self.B, device=self.device)
+
+    def begin(self, rows: torch.Tensor | None, n: int) -> None:
+        """Start a step of ``n`` new positions for ``rows`` (host int64 tensor; None: all rows)."""
+        self._rows_host = rows
+        pos = self.lengths if rows is None else self.lengths[rows]
+        self.start = int(pos[0])
+        self.uniform = bool((pos == self.start).all())
+        self.span = int(pos.max()) + n
+        if self.span > self.C:
+            raise RuntimeError(f"KVCache overflow: {self.span} positions needed, capacity {self.C}")
+        self.n = n
+        self.rows = None if rows is None else rows.to(self.device)
+        self.pos = pos.to(self.device)
+        self._mask_key, self._mask = None, None
+
+    def end(self) -> None:
+        if self._rows_host is None:
+            self.lengths += self.n
+        else:
+            self.lengths[self._rows_host] += self.n
+
+    def reset(self, rows: torch.Tensor | None) -> None:
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+    def mask(self, slopes: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive mask (R, 1 or H, n, L) of the current step, or None when every key is visible.
+
+        Same formula as ``megabyte_kernels.reference.alibi_bias`` (fp32 ``-slope * (i - j)``,
+        ``-inf`` for keys after the query), at the queries' absolute positions.
+        """
+        if slopes is None and self.uniform and self.n == 1:
+            return None
+        key = (id(slopes), dtype)
+        if self._mask_key == key:
+            return self._mask
+        qpos = self.pos[:, None] + torch.arange(self.n, device=self.device)  # (R, n)
+        j = torch.arange(self.span, device=self.device)
+        rel = (qpos[:, :, None] - j).to(torch.float32 if dtype != torch.float64 else dtype)[:, None]  # (R,1,n,L)
+        if slopes is None:
+            m = torch.zeros_like(rel)
+        else:
+            m = -slopes.to(rel.dtype)[None, :, None, None] * rel
+        m = m.masked_fill(rel < 0, float("-inf")).to(dtype)
+        self._mask_key, self._mask = key, m
+        return m
+
+
+# ----------------------------------------------------------------------------------------------
+# the cached decoder
+
+
+def as_prompts(prompt_ids, V: int | None = None) -> list[torch.Tensor]:
+    """Normalise prompts to a list of 1-D int64 CPU tensors (one per row, any lengths).
+
+    Accepts a (B, T) integer tensor (B prompts of length T), a 1-D tensor, ``bytes`` or ``str``
+    (UTF-8) for one prompt, or a list of 1-D tensors / lists of ints / ``bytes`` / ``str`` for a
+    ragged batch. An empty prompt is allowed.
+    """
+    def one(p) -> torch.Tensor:
+        if isinstance(p, str):
+            p = p.encode("utf-8")
+        if isinstance(p, (bytes, bytearray)):
+            return torch.tensor(list(p), dtype=torch.long)
+        if isinstance(p, torch.Tensor):
+            if p.dim() != 1:
+                raise ValueError(f"each prompt must be 1-D, got shape {tuple(p.shape)}")
+            if p.dtype.is_floating_point or p.dtype == torch.bool:
+                raise ValueError(f"prompt ids must be integers, got {p.dtype}")
+            return p.detach().to("cpu", torch.long)
+        return torch.tensor(list(p), dtype=torch.long).reshape(-1)
+
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() == 2:
+            prompts = [one(row) for row in prompt_ids]
+        elif prompt_ids.dim() == 1:
+            prompts = [one(prompt_ids)]
+        else:
+            raise ValueError(f"prompt_ids must be (B, T) or (T,), got shape {tuple(prompt_ids.shape)}")
+    elif isinstance(prompt_ids, (str, bytes, bytearray)):
+        prompts = [one(prompt_ids)]
+    elif isinstance(prompt_ids, Sequence) and len(prompt_ids) > 0 and not isinstance(prompt_ids[0], int):
+        prompts = [one(p) for p in prompt_ids]
+    elif isinstance(prompt_ids, Sequence):  # a flat list of ints (or []) is one prompt
+        prompts = [one(prompt_ids)]
+    else:
+        raise ValueError(f"unsupported prompt type {type(prompt_ids).__name__}")
+    if V is not None:
+        for i, p in enumerate(prompts):
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= V):
+                raise ValueError(f"prompt {i}: ids must lie in [0, {V}), got range "
+                                 f"[{int(p.min())}, {int(p.max())}]")
+    return prompts
+
+
+def check_positions(cfg, prompt_lens: Sequence[int], max_new_bytes: int) -> None:
+    """Learned positions: the last byte predicted, ``t = L + max_new_bytes - 1``, needs
+    ``(t // P + 1) * P <= T_MAX`` (the full forward over ``t + 1`` bytes needs the same)."""
+    if cfg.positions != "learned" or max_new_bytes < 1 or not prompt_lens:
+        return
+    L = max(prompt_lens)
+    t = L + max_new_bytes - 1
+    need = (t // cfg.P + 1) * cfg.P
+    if need > cfg.T_MAX:
+        raise ValueError(
+            f"a prompt of {L} bytes plus max_new_bytes={max_new_bytes} needs learned positions up to "
+            f"{need} (whole patches of P={cfg.P}), past T_MAX={cfg.T_MAX} of the position table: generate at most "
+            f"{max(0, (cfg.T_MAX // cfg.P) * cfg.P - L)} bytes after this prompt, or use a model with "
+            "positions='alibi'/'none', which generate past T_MAX"
+        )
+
+
+class CachedDecoder:
+    """Incremental MEGABYTE decoding for a ragged batch of prompts (see the module docstring).
+
+    ``logits = dec.prefill()`` returns the next-byte logits ``(B, V)`` of every row; then
+    ``logits = dec.step(rows, next_ids)`` appends one byte to each of ``rows`` (host int64) and
+    returns their next-byte logits ``(R, V)``.
+    """
+
+    def __init__(self, model, prompts: list[torch.Tensor], max_new_bytes: int):
+        cfg = self.cfg = model.config
+        self.model = model
+        P = cfg.P
+        w = model.g_embedder.weight
+        self.device, self.dtype = w.device, w.dtype
+        B = self.B = len(prompts)
+        self.t = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # bytes known, per row (host)
+        total = int(self.t.max()) + max_new_bytes if B else 0
+        self.seqs = torch.full((B, max(total, 1)), cfg.pad_id, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            self.seqs[i, :len(p)] = p.to(self.device)
+        n_patches = (max(total, 1) - 1) // P + 1  # patches of the last byte predicted
+        self.g_cache = KVCache(model.g_transformer, B, n_patches, self.device, self.dtype)
+        self.l_cache = KVCache(model.l_transformer, B, P, self.device, self.dtype)
+        with torch.no_grad():
+            self.l_table = (model.l_embedder.weight if model.l_embedder is not None
+                            else model.to_l_embed(model.g_embedder.weight))
+        self.proj = torch.zeros(B, P, cfg.D_L, device=self.device, dtype=self.dtype)
+        self._arangeP = torch.arange(P, device=self.device)
+
+    # --- the math of forward, for a few positions ---------------------------------------------
+    def _global_inputs(self, rows: torch.Tensor, k0: torch.Tensor, n: int) -> torch.Tensor:
+        """Patch embedding of patches ``k0[r] .. k0[r]+n-1`` of each row -> (R, n, P*D_G).
+
+        Patch k embeds the bytes of patch k-1 (``pad_id`` / the trainable pad patch for k = 0)
+        plus the positions ``k*P .. k*P+P-1``: ``megabyte_kernels.reference.patch_embed``.
+        """
+        m, cfg = self.model, self.cfg
+        P = cfg.P
+        k = k0.to(self.device)[:, None] + torch.arange(n, device=self.device)  # (R, n)
+        t = k[..., None] * P + self._arangeP  # (R, n, P) byte positions of the patch
+        src = t - P  # the bytes it embeds
+        ids = self.seqs[rows.to(self.device)[:, None, None], src.clamp(min=0)]
+        ids = torch.where(src < 0, cfg.pad_id, ids)
+        h = F.embedding(ids, m.g_embedder.weight)  # (R, n, P, D_G)
+        if m.g_pad_patch is not None:
+            h = torch.where((k == 0)[..., None, None], m.g_pad_patch, h)
+        if m.g_pos_embedder is not None:
+            h = h + m.g_pos_embedder.weight[t]
+        return h.reshape(h.shape[0], n, P * cfg.D_G)
+
+    def _global_step(self, rows: torch.Tensor, k0: torch.Tensor, n: int) -> None:
+        """Run the global model over n patches of ``rows``; keep the last one's projection."""
+        m, cfg = self.model, self.cfg
+        x = self._global_inputs(rows, k0, n)
+        self.g_cache.begin(rows, n)
+        y = m.g_transformer(x, m.backend, cache=self.g_cache)[:, -1]  # (R, P*D_G)
+        self.g_cache.end()
+        dt = y.dtype
+        proj = F.linear(y.reshape(-1, cfg.P, cfg.D_G), m.gl_linear.weight.to(dt), m.gl_linear.bias.to(dt))
+        self.proj[rows.to(self.device)] = proj
+        self.l_cache.reset(rows)
+
+    def _local_step(self, rows: torch.Tensor, t0: torch.Tensor, n: int) -> torch.Tensor:
+        """Local model over bytes ``t0[r] .. t0[r]+n-1`` (inside one patch) -> logits (R, V) of the last."""
+        m, cfg = self.model, self.cfg
+        P = cfg.P
+        rd = rows.to(self.device)
+        tt = t0.to(self.device)[:, None] + torch.arange(n, device=self.device)  # (R, n)
+        slot = tt % P
+        shifted_in = (tt == 0) if cfg.cross_patch_shift else (slot == 0)
+        l_ids = self.seqs[rd[:, None], (tt - 1).clamp(min=0)]
+        l_ids = torch.where(shifted_in, cfg.pad_id, l_ids)
+        dt = self.proj.dtype
+        emb = F.embedding(l_ids, self.l_table.to(dt))
+        if m.l_pad is not None:
+            emb = torch.where(shifted_in[..., None], m.l_pad.to(dt), emb)
+        x = self.proj[rd[:, None], slot] + emb  # (R, n, D_L)
+        self.l_cache.begin(rows, n)
+        z = m.l_transformer(x, m.backend, cache=self.l_cache)[:, -1]
+        self.l_cache.end()
+        return m.to_logits(z)
+
+    # --- public steps ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        """Process every prompt; returns the logits (B, V) of byte ``len(prompt)`` of each row.
+
+        Rows of equal length are processed together (their caches stay aligned)."""
+        P = self.cfg.P
+        out = torch.empty(self.B, self.cfg.V, device=self.device, dtype=self.dtype)
+        for L in sorted(set(self.t.tolist())):
+            rows = (self.t == L).nonzero().flatten()
+            R = len(rows)
+            self._global_step(rows, torch.zeros(R, dtype=torch.long), L // P + 1)
+            out[rows.to(self.device)] = self._local_step(rows, torch.full((R,), L - L % P), L % P + 1).to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append ``next_ids`` (R,) to ``rows`` (host int64) and return their next-byte logits (R, V)."""
+        P = self.cfg.P
+        t = self.t[rows]
+        self.seqs[rows.to(self.device), t.to(self.device)] = next_ids.to(self.device)
+        t = t + 1
+        self.t[rows] = t
+        border = t % P == 0
+        if bool(border.any()):  # a patch just completed: one global step for those rows
+            g_rows = rows[border]
+            self._global_step(g_rows, t[border] // P, 1)
+        return self._local_step(rows, t, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+
+
+def check_sampling_args(temperature, top_k, top_p) -> None:
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next ids (R,) from logits (R, V): greedy for ``temperature == 0``, else softmax(logits / T)
+    restricted to the ``top_k`` most likely ids and to the smallest set whose probability reaches
+    ``top_p`` (nucleus; the most likely id is always kept), sampled with ``generator``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely ids
+        drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _generator(seed: int | None, device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# the public entry points
+
+
+def _decode_iter(model, prompts: list[torch.Tensor], max_new_bytes: int, temperature, top_k, top_p, eos_id,
+                 seed) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yields ``(rows, ids, logits)`` per step: the still active rows, their new ids, the logits."""
+    dec = CachedDecoder(model, prompts, max_new_bytes)
+    gen = _generator(seed, dec.device)
+    logits = dec.prefill()
+    rows = torch.arange(dec.B)
+    for i in range(max_new_bytes):
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)
+        yield rows, nxt, logits
+        if eos_id is not None:
+            keep = (nxt != eos_id).cpu()
+            rows, nxt = rows[keep], nxt[keep.to(nxt.device)]
+        if len(rows) == 0 or i == max_new_bytes - 1:
+            return
+        logits = dec.step(rows, nxt)
+
+
+def _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id):
+    cfg = model.config
+    if not isinstance(max_new_bytes, int) or isinstance(max_new_bytes, bool) or max_new_bytes < 0:
+        raise ValueError(f"max_new_bytes must be an int >= 0, got {max_new_bytes!r}")
+    check_sampling_args(temperature, top_k, top_p)
+    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < cfg.V):
+        raise ValueError(f"eos_id must be None or an id in [0, {cfg.V}), got {eos_id!r}")
+    prompts = as_prompts(prompt_ids, cfg.V)
+    check_positions(cfg, [len(p) for p in prompts], max_new_bytes)
+    return prompts
+
+
+class _EvalMode:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was)
+
+
+def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
+             return_logits: bool = False):
+    """Generate up to ``max_new_bytes`` ids after each prompt with cached incremental decoding.
+
+    Prompts are *ragged*: a (B, T) tensor, or a list of 1-D tensors / lists of ints / ``bytes`` /
+    ``str`` of any lengths (empty included); each row keeps its own length and patch phase, so
+    no padding enters the model and each row's output equals what it would be alone.
+
+    Returns a (B, N) int64 tensor on the model's device with the new ids only (not the prompt);
+    N = max_new_bytes, or fewer when every row stopped at ``eos_id`` (kept in the output). After
+    its ``eos_id`` a row is filled with ``config.pad_id``. ``eos_id=None`` never stops early.
+    Sampling: ``temperature=0`` is greedy (argmax); otherwise softmax(logits / temperature) with
+    optional ``top_k`` / ``top_p`` (nucleus) filtering, drawn from a ``torch.Generator`` seeded
+    with ``seed`` (None: the global RNG). All V ids can be sampled, specials included.
+    With ``return_logits=True`` also returns the next-byte logits (B, N, V) of every step (zero
+    for rows that had stopped). The model runs in eval mode (dropout off), restored afterwards.
+    """
+    prompts = _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id)
+    cfg = model.config
+    device = model.g_embedder.weight.device
+    B = len(prompts)
+    out = torch.full((B, max_new_bytes), cfg.pad_id, dtype=torch.long, device=device)
+    all_logits = (torch.zeros(B, max_new_bytes, cfg.V, device=device, dtype=model.g_embedder.weight.dtype)
+                  if return_logits else None)
+    n = 0
+    if max_new_bytes > 0 and B > 0:
+        with _EvalMode(model):
+            for i, (rows, nxt, logits) in enumerate(
+                    _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed)):
+                rd = rows.to(device)
+                out[rd, i] = nxt
+                if return_logits:
+                    all_logits[rd, i] = logits.to(all_logits.dtype)
+                n = i + 1
+    out = out[:, :n]
+    return (out, all_logits[:, :n]) if return_logits else out
+
+
+def generate_stream(model, prompt, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, eos_id: int | None = None, seed: int | None = None) -> Iterator[int]:
+    """Yield the ids generated after one prompt, one at a time as they are produced (cached).
+
+    Stops after ``max_new_bytes`` ids or after yielding ``eos_id``. Same arguments as :func:`generate`.
+    """
+    prompts = _validate(model, prompt, max_new_bytes, temperature, top_k, top_p, eos_id)
+    if len(prompts) != 1:
+        raise ValueError(f"generate_stream takes one prompt, got {len(prompts)}")
+    if max_new_bytes == 0:
+        return
+    was = model.training
+    model.eval()
+    try:
+        for _, nxt, _ in _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed):
+            yield int(nxt[0])
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def generate_uncached(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
+                      return_logits: bool = False):
+    """Reference decoding by full recomputation: a plain loop over ``model.forward``.
+
+    For each new byte t the whole sequence so far plus one dummy byte is run through the model
+    and the logits at position t are read (they do not depend on the dummy: causality). Rows are
+    decoded one at a time (ragged prompts). Same arguments and result as :func:`generate`; slow,
+    for tests and benchmarks.
+    """
+    prompts = _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id)
+    cfg = model.config
+    device = model.g_embedder.weight.device
+    B = len(prompts)
+    out = torch.full((B, max_new_bytes), cfg.pad_id, dtype=torch.long, device=device)
+    all_logits = torch.zeros(B, max_new_bytes, cfg.V, device=device, dtype=model.g_embedder.weight.dtype)
+    n = 0
+    with _EvalMode(model):
+        for b, p in enumerate(prompts):
+            gen = _generator(seed, device)
+            ids = torch.cat([p.to(device), torch.zeros(1, dtype=torch.long, device=device)])[None]  # + dummy
+            for i in range(max_new_bytes):
+                logits = model(ids).lm_logits[:, -1]
+                nxt = sample_next(logits, temperature, top_k, top_p, gen)
+                out[b, i] = nxt[0]
+                all_logits[b, i] = logits[0].to(all_logits.dtype)
+                n = max(n, i + 1)
+                if eos_id is not None and int(nxt[0]) == eos_id:
+                    break
+                ids = torch.cat([ids[:, :-1], nxt[:, None], ids[:, -1:]], dim=1)
+    out, all_logits = out[:, :n], all_logits[:, :n]
+    return (out, all_logits) if return_logits else out
