@@ -1,0 +1,144 @@
+"""The ``megabyte`` command line: ``megabyte train`` and ``megabyte eval``.
+
+``megabyte train`` with no arguments trains the small default demo model on the running
+interpreter's standard library (no download) and prints held-out bits per byte next to the
+order-0, ``gzip -9`` and ``lzma`` baselines. ``megabyte eval --checkpoint DIR`` scores a
+checkpoint. Each subcommand is a function ``add_<name>_parser(subparsers)`` plus a handler, so a
+later one (``generate``) slots in the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import data as _data
+
+
+def _add_data_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="a file (one document, the last --heldout-frac held out; enwik8 as-is) or a folder "
+                        "(its files, held out by a hash of the path); default: the Python standard "
+                        "library's .py files" + ("" if defaults else " (default for eval: the checkpoint's data)"))
+    g.add_argument("--max-bytes", type=int, default=_data.DEFAULT_MAX_BYTES if defaults else None,
+                   help="cap on the training bytes read (default %(default)s)")
+    g.add_argument("--eval-bytes", type=int, default=_data.DEFAULT_EVAL_BYTES if defaults else None,
+                   help="cap on the held-out bytes scored (default %(default)s)")
+    g.add_argument("--heldout-frac", type=float, default=_data.DEFAULT_HELDOUT_FRAC if defaults else None,
+                   help="fraction held out (default %(default)s)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores this process may use)")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="windows per evaluation batch")
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    from .train import DEMO
+    p = sub.add_parser("train", help="train a small MEGABYTE on a byte corpus and report held-out bits/byte",
+                       description="Train a small MEGABYTE on bytes; report held-out bits per byte next to "
+                                   "order-0 / gzip -9 / lzma baselines on the same bytes; save a checkpoint, "
+                                   "train_log.jsonl and loss.png; print a sample.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_args(p, defaults=True)
+    m = p.add_argument_group("model")
+    m.add_argument("--patch-size", type=int, default=DEMO["patch_size"], help="P")
+    m.add_argument("--d-global", type=int, default=DEMO["d_global"], help="D_G (global width is P*D_G)")
+    m.add_argument("--d-local", type=int, default=DEMO["d_local"], help="D_L")
+    m.add_argument("--g-layers", type=int, default=DEMO["g_layers"])
+    m.add_argument("--l-layers", type=int, default=DEMO["l_layers"])
+    m.add_argument("--g-heads", type=int, default=DEMO["g_heads"])
+    m.add_argument("--l-heads", type=int, default=DEMO["l_heads"])
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--seq-len", type=int, default=DEMO["seq_len"], help="bytes per training window (= T_MAX)")
+    o.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
+    o.add_argument("--steps", type=int, default=DEMO["steps"])
+    o.add_argument("--lr", type=float, default=DEMO["lr"], help="peak learning rate")
+    o.add_argument("--min-lr-ratio", type=float, default=DEMO["min_lr_ratio"], help="final lr / peak lr (cosine)")
+    o.add_argument("--warmup", type=int, default=DEMO["warmup"], help="linear warm-up steps")
+    o.add_argument("--weight-decay", type=float, default=DEMO["weight_decay"])
+    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop training after this many seconds (evaluation excluded), annealing the lr to "
+                        "fit; default %d on CPU, none on GPU; 0: none" % DEMO["time_budget_cpu"])
+    r = p.add_argument_group("output")
+    r.add_argument("--out", default="runs/demo", help="checkpoint folder (config.json, model.safetensors, "
+                                                      "train_log.jsonl, loss.png)")
+    r.add_argument("--eval-every", type=int, default=400, help="held-out evaluation every N steps (0: only at the end)")
+    r.add_argument("--log-every", type=int, default=50,
+                   help="log to train_log.jsonl, and print the progress line when not a TTY, every N steps")
+    r.add_argument("--sample-bytes", type=int, default=300, help="bytes to sample at the end (0: none)")
+    r.add_argument("--prompt", default="def ", help="sampling prompt")
+    r.add_argument("--temperature", type=float, default=0.8)
+    _add_runtime_args(p)
+    p.set_defaults(func=_cmd_train)
+    return p
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="held-out bits/byte of a checkpoint",
+                       description="Print held-out bits per byte of a checkpoint, with the baselines on the "
+                                   "same bytes. Without --data, the data the checkpoint was trained on.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder written by save_pretrained")
+    _add_data_args(p, defaults=False)
+    p.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the training one)")
+    _add_runtime_args(p)
+    p.set_defaults(func=_cmd_eval)
+    return p
+
+
+def _check_train_args(p, a) -> None:
+    for name in ("steps", "batch_size", "seq_len", "max_bytes", "eval_bytes", "log_every"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.eval_every < 0:
+        p.error("--eval-every must be >= 0")
+    if a.warmup < 0 or a.lr <= 0:
+        p.error("--warmup must be >= 0 and --lr > 0")
+
+
+def _cmd_train(a) -> int:
+    from .train import run_train
+    run_train(a)
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from .train import run_eval
+    run_eval(a)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megabyte", description="MEGABYTE byte-level language model")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.command == "train":
+        _check_train_args(parser, args)
+    try:
+        return args.func(args)
+    except (_data.CorpusError, FileNotFoundError) as e:
+        print(f"megabyte {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nmegabyte {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

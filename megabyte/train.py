@@ -1,0 +1,402 @@
+"""``megabyte train`` and ``megabyte eval``: train a small MEGABYTE on bytes, score it in bits/byte.
+
+The run: load a byte corpus (``megabyte.data``), compute the baselines on the held-out bytes
+(``megabyte.baselines``), train with AdamW (betas 0.9/0.98), linear warm-up then cosine decay,
+gradient clipping at 1.0, on random windows; evaluate held-out bits per byte (log2) every
+``--eval-every`` steps and at the end; save the checkpoint (``save_pretrained``) to ``--out`` with
+``train_log.jsonl`` and ``loss.png`` next to it; sample a few hundred bytes from a prompt.
+
+Bits per byte of the model = mean cross entropy in nats over every held-out byte / ln 2, with the
+held-out bytes cut into consecutive non-overlapping windows of ``seq_len`` (each window starts
+without context), the same bytes the baselines are computed on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import baselines
+from .data import BatchSampler, Corpus, eval_windows, load_corpus
+
+LN2 = math.log(2.0)
+
+# The default demo: sized so that `megabyte train` with no arguments finishes in about 3-4
+# minutes on a 2-core CPU (see the README figures) and gets well under the order-0 entropy.
+DEMO = dict(
+    seq_len=256, batch_size=16, steps=1200, lr=3e-3, min_lr_ratio=0.1, warmup=100, weight_decay=0.1,
+    patch_size=4, d_global=64, d_local=128, g_layers=4, l_layers=2, g_heads=4, l_heads=4,
+    time_budget_cpu=200,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# model helpers
+
+def _model_classes():
+    from .config import MegabyteConfig
+    from .model import Megabyte
+    return MegabyteConfig, Megabyte
+
+
+def build_model(args, extra: dict):
+    MegabyteConfig, Megabyte = _model_classes()
+    cfg = MegabyteConfig(
+        V=512, P=args.patch_size, D_G=args.d_global, D_L=args.d_local, T_MAX=args.seq_len,
+        g_nheads=args.g_heads, g_nlayers=args.g_layers, l_nheads=args.l_heads, l_nlayers=args.l_layers,
+        initializer_range=0.02, pad_id=257, eos_id=258, extra=extra,
+    )
+    return Megabyte(cfg)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int, device) -> float:
+    """Held-out bits per byte: every byte of ``data`` scored once (see the module docstring)."""
+    was_training = model.training
+    model.eval()
+    total_nats, total_bytes = 0.0, 0
+    for ids in eval_windows(data, seq_len, batch_size):
+        ids = ids.to(device)
+        out = model(ids, return_loss=True)
+        total_nats += float(out.loss) * ids.numel()  # all targets are real bytes (no pad)
+        total_bytes += ids.numel()
+    model.train(was_training)
+    return total_nats / total_bytes / LN2
+
+
+@torch.no_grad()
+def sample(model, prompt: bytes, n_bytes: int, temperature: float = 0.8, context: int | None = None,
+           seed: int = 0, device="cpu") -> bytes:
+    """Sample ``n_bytes`` after ``prompt`` with a plain loop over the full forward (slow but simple).
+
+    Only the 256 byte values are sampled (special ids are masked out); the context is the last
+    ``context`` bytes (default the model's ``T_MAX``).
+    """
+    was_training = model.training
+    model.eval()
+    context = context or model.config.T_MAX
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = list(prompt) if prompt else []
+    out = []
+    for _ in range(n_bytes):
+        ctx = ids[-(context - 1):] if ids else []
+        # The model predicts byte t from bytes < t; feed the context plus a dummy last byte and
+        # read the logits at the dummy's position (they do not depend on it: causality).
+        x = torch.tensor([ctx + [0]], dtype=torch.long, device=device)
+        logits = model(x).lm_logits[0, -1, :256].float().cpu()
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        ids.append(nxt)
+        out.append(nxt)
+    model.train(was_training)
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# progress, logging, plotting
+
+def _fmt_time(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _fmt_rate(r: float) -> str:
+    return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.1f}k" if r >= 1e3 else f"{r:.0f}"
+
+
+class Progress:
+    """One progress line on stderr: in place (``\\r``) on a TTY, else a new line every N steps."""
+
+    def __init__(self, total: int, every: int, stream=None):
+        self.total, self.every = total, max(1, every)
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last_len = 0
+
+    def update(self, step: int, loss: float, rate: float, eta: float, extra: str = "") -> None:
+        if not self.tty and step % self.every and step != self.total:
+            return
+        bar_w = 20
+        filled = int(bar_w * step / self.total)
+        bar = "#" * filled + "." * (bar_w - filled)
+        line = (f"[{bar}] step {step}/{self.total} | loss {loss:.4f} | bpb {loss / LN2:.3f} | "
+                f"{_fmt_rate(rate)} B/s | ETA {_fmt_time(eta)}{extra}")
+        if self.tty:
+            pad = " " * max(0, self._last_len - len(line))
+            self.stream.write("\r" + line + pad)
+            self._last_len = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own, not overwritten by the progress line."""
+        if self.tty and self._last_len:
+            self.stream.write("\n")
+            self._last_len = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._last_len:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._last_len = 0
+
+
+def plot_loss(records: list[dict], base: dict, path: Path) -> None:
+    """Training loss (bits/byte) per step, held-out evaluations and the baselines as lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(r["step"], r["bpb"]) for r in records if r.get("kind") == "train"]
+    ev = [(r["step"], r["heldout_bpb"]) for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if tr:
+        ax.plot(*zip(*tr), lw=1, alpha=0.8, label="train (batch) bpb")
+    if ev:
+        ax.plot(*zip(*ev), "o-", ms=4, label="held-out bpb")
+    styles = {"order0_bpb": ("order-0 (train freqs)", ":"), "gzip_bpb": ("gzip -9", "--"),
+              "lzma_bpb": ("lzma -9e", "-.")}
+    for k, (name, ls) in styles.items():
+        if k in base:
+            ax.axhline(base[k], color="gray", ls=ls, lw=1, label=f"{name} {base[k]:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("MEGABYTE training")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _print_table(rows: list[tuple[str, str]], stream=None) -> None:
+    stream = stream or sys.stdout
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}", file=stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# the commands
+
+def _setup_threads(threads: int | None) -> None:
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads))
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_train(args) -> dict:
+    """Everything ``megabyte train`` does; returns the final figures."""
+    t_start = time.perf_counter()
+    _setup_threads(args.threads)
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+
+    corpus: Corpus = load_corpus(args.data, max_bytes=args.max_bytes, eval_bytes=args.eval_bytes,
+                                 heldout_frac=args.heldout_frac, min_len=args.seq_len)
+    print(f"data: {corpus.describe()}")
+    if corpus.skipped:
+        print(f"data: skipped {len(corpus.skipped)} unreadable file(s)")
+
+    base = baselines.all_baselines(corpus.train, corpus.heldout)
+    print(f"baselines on the {len(corpus.heldout):,} held-out bytes: order-0 {base['order0_bpb']:.3f} bpb "
+          f"(cross entropy under the training bytes' frequencies, add-one smoothed), "
+          f"gzip -9 {base['gzip_bpb']:.3f}, lzma -9e {base['lzma_bpb']:.3f}")
+
+    data_spec = {
+        "data": None if args.data is None else str(Path(args.data).resolve()),
+        "max_bytes": args.max_bytes, "eval_bytes": args.eval_bytes, "heldout_frac": args.heldout_frac,
+        "seq_len": args.seq_len,
+    }
+    model = build_model(args, extra={"train": data_spec}).to(device)
+    model.train()
+    print(f"model: {n_params(model) / 1e6:.2f}M parameters, P={args.patch_size} D_G={args.d_global} "
+          f"D_L={args.d_local} global {args.g_layers}x{args.g_heads}h local {args.l_layers}x{args.l_heads}h, "
+          f"T={args.seq_len}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}, "
+          f"device {device}, {torch.get_num_threads()} threads")
+
+    # AdamW; weight decay on the weights of Linear layers only (not on biases, norms, tables).
+    linear_w = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if id(p) in linear_w else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    if args.time_budget is None:  # the demo's safety net on slow CPUs; a GPU run is never cut
+        args.time_budget = DEMO["time_budget_cpu"] if device.type == "cpu" else 0
+    budget = args.time_budget if args.time_budget > 0 else math.inf
+
+    def lr_at(step: int, train_s: float) -> float:
+        """Linear warm-up over ``warmup`` steps, then cosine to ``min_lr_ratio * lr``.
+
+        The cosine runs over the fraction of the run done: steps done / ``steps``, or training
+        time / ``time_budget`` when that is larger (a slow machine anneals and stops in time).
+        """
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        t = max((step - args.warmup) / max(1, args.steps - args.warmup), train_s / budget)
+        lo = args.lr * args.min_lr_ratio
+        return lo + 0.5 * (args.lr - lo) * (1 + math.cos(math.pi * min(1.0, t)))
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "train_log.jsonl"
+    records: list[dict] = []
+    log_f = open(log_path, "w")
+
+    def log(rec: dict) -> None:
+        records.append(rec)
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+
+    log({"kind": "run", "argv": getattr(args, "argv", None), "args": {k: v for k, v in vars(args).items()
+                                                                       if k not in ("func", "argv")},
+         "data": corpus.describe(), "baselines": base, "n_params": n_params(model),
+         "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()})
+
+    sampler = BatchSampler(corpus.train, args.seq_len, args.batch_size, seed=args.seed)
+    bytes_per_step = args.batch_size * args.seq_len
+    progress = Progress(args.steps, args.log_every)
+    t_train = time.perf_counter()
+    eval_time = 0.0
+    ema = None
+    last_eval = None
+    steps_done = 0
+    for step in range(args.steps):
+        lr = lr_at(step, time.perf_counter() - t_train - eval_time)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids = sampler().to(device)
+        loss = model(ids, return_loss=True).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        opt.step()
+
+        lv = loss.item()
+        if not math.isfinite(lv):
+            progress.close()
+            raise RuntimeError(f"loss became {lv} at step {step + 1}; try a lower --lr")
+        ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+        done = step + 1
+        steps_done = done
+        elapsed = time.perf_counter() - t_train - eval_time
+        rate = done * bytes_per_step / max(elapsed, 1e-9)
+        eta = min((args.steps - done) * bytes_per_step / max(rate, 1e-9), max(0.0, budget - elapsed))
+        out_of_time = elapsed >= budget and done < args.steps
+        if done % args.log_every == 0 or done == args.steps or done == 1 or out_of_time:
+            log({"kind": "train", "step": done, "loss": lv, "bpb": lv / LN2, "lr": lr, "grad_norm": gnorm,
+                 "bytes_per_s": rate, "elapsed_s": time.perf_counter() - t_start})
+        extra = f" | held-out {last_eval:.3f}" if last_eval is not None else ""
+        progress.update(done, ema, rate, eta, extra)
+        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            t0 = time.perf_counter()
+            last_eval = evaluate(model, corpus.heldout, args.seq_len, args.eval_batch_size, device)
+            eval_time += time.perf_counter() - t0
+            log({"kind": "eval", "step": done, "heldout_bpb": last_eval})
+        if out_of_time:
+            progress.message(f"time budget of {args.time_budget:g} s reached: stopping at step {done} of "
+                             f"{args.steps} (the cosine schedule followed the time; --time-budget 0 turns it off)")
+            break
+    progress.close()
+    train_time = time.perf_counter() - t_train - eval_time
+    seen = steps_done * bytes_per_step
+    train_rate = seen / max(train_time, 1e-9)
+
+    heldout_bpb = evaluate(model, corpus.heldout, args.seq_len, args.eval_batch_size, device)
+    log({"kind": "eval", "step": steps_done, "heldout_bpb": heldout_bpb})
+
+    model.save_pretrained(str(out_dir))
+    plot_loss(records, base, out_dir / "loss.png")
+
+    text = b""
+    if args.sample_bytes > 0:
+        prompt = args.prompt.encode("utf-8")
+        text = sample(model, prompt, args.sample_bytes, args.temperature, context=args.seq_len,
+                      seed=args.seed, device=device)
+        print(f"\n--- sample ({args.sample_bytes} bytes, temperature {args.temperature}, "
+              f"prompt {args.prompt!r}) ---")
+        print((prompt + text).decode("utf-8", errors="replace"))
+        print("--- end of sample ---\n")
+
+    wall = time.perf_counter() - t_start
+    final = {"kind": "final", "heldout_bpb": heldout_bpb, **base, "wall_s": wall, "train_s": train_time,
+             "train_bytes_per_s": train_rate, "heldout_bytes": len(corpus.heldout), "steps": steps_done,
+             "train_bytes_seen": seen, "sample": text.decode("utf-8", "replace")}
+    log(final)
+    log_f.close()
+
+    n_ho = len(corpus.heldout)
+    print(f"held-out bits per byte (log2) on the same {n_ho:,} bytes:")
+    _print_table([
+        ("MEGABYTE (this run)", f"{heldout_bpb:.3f} bpb"),
+        ("order-0, train byte freqs", f"{base['order0_bpb']:.3f} bpb  (cross entropy on held-out, add-one smoothed)"),
+        ("gzip -9", f"{base['gzip_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
+        ("lzma -9e", f"{base['lzma_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
+        ("wall time", f"{wall:.1f} s  (training {train_time:.1f} s)"),
+        ("training throughput", f"{_fmt_rate(train_rate)} bytes/s  ({steps_done} steps, {seen:,} bytes seen)"),
+        ("checkpoint", f"{out_dir}  (+ train_log.jsonl, loss.png)"),
+    ])
+    return final
+
+
+def run_eval(args) -> dict:
+    """``megabyte eval``: held-out bits per byte of a checkpoint (and the baselines)."""
+    t_start = time.perf_counter()
+    _setup_threads(args.threads)
+    device = _device(args.device)
+    _, Megabyte = _model_classes()
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {str(ckpt)!r}: no config.json there (not a checkpoint folder)")
+    model = Megabyte.from_pretrained(str(ckpt)).to(device)
+    spec = dict((model.config.extra or {}).get("train", {}))
+
+    data = args.data if args.data is not None else spec.get("data")
+    if data is not None and args.data is None and not Path(data).exists():
+        raise FileNotFoundError(f"the checkpoint was trained on {data!r}, which no longer exists; pass --data")
+    seq_len = min(args.seq_len or spec.get("seq_len") or model.config.T_MAX, model.config.T_MAX)
+    eval_bytes = args.eval_bytes or spec.get("eval_bytes") or 64 * 1024
+    corpus = load_corpus(data, max_bytes=args.max_bytes or spec.get("max_bytes") or 4 * 1024 * 1024,
+                         eval_bytes=eval_bytes, heldout_frac=args.heldout_frac or spec.get("heldout_frac") or 0.05,
+                         min_len=1)
+    print(f"data: {corpus.describe()}")
+    bpb = evaluate(model, corpus.heldout, seq_len, args.eval_batch_size, device)
+    base = baselines.all_baselines(corpus.train, corpus.heldout)
+    print(f"held-out bits per byte (log2) on the same {len(corpus.heldout):,} bytes, windows of {seq_len}:")
+    _print_table([
+        ("MEGABYTE", f"{bpb:.3f} bpb  ({ckpt})"),
+        ("order-0, train byte freqs", f"{base['order0_bpb']:.3f} bpb  (cross entropy on held-out, add-one smoothed)"),
+        ("gzip -9", f"{base['gzip_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
+        ("lzma -9e", f"{base['lzma_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
+        ("wall time", f"{time.perf_counter() - t_start:.1f} s"),
+    ])
+    return {"heldout_bpb": bpb, **base}

@@ -1,0 +1,224 @@
+"""`megabyte train` / `megabyte eval` end to end on a tiny corpus, the data pipeline, the baselines."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megabyte import baselines
+from megabyte.cli import main
+from megabyte.data import BatchSampler, CorpusError, eval_windows, is_heldout, load_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY_MODEL = ["--steps", "20", "--seq-len", "32", "--batch-size", "4", "--d-global", "16", "--d-local", "32",
+              "--g-layers", "1", "--l-layers", "1", "--g-heads", "2", "--l-heads", "2", "--warmup", "5",
+              "--eval-every", "10", "--log-every", "5", "--sample-bytes", "40", "--threads", "1"]
+
+
+def _write_corpus(folder: Path, n_files: int = 12, size: int = 600) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = ["def", "return", "self", "import", "class", "if", "else", "for", "in", "x", "y", "=", "(", ")", ":"]
+    for i in range(n_files):
+        text = " ".join(rng.choice(words) for _ in range(size // 4))
+        (folder / f"mod_{i:02d}.py").write_text(text[:size] + "\n")
+    (folder / "bin.dat").write_bytes(bytes(range(256)))  # non-UTF-8 bytes are fine
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# the commands, end to end
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data = _write_corpus(tmp / "corpus")
+    out = tmp / "ckpt"
+    return data, out
+
+
+def test_train_then_eval(trained, capsys):
+    data, out = trained
+    rc = main(["train", "--data", str(data), "--out", str(out), *TINY_MODEL])
+    assert rc == 0
+    cap = capsys.readouterr()
+    for name in ("config.json", "model.safetensors", "train_log.jsonl", "loss.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the final table: model, order-0, gzip, lzma, all as numbers
+    figures = {}
+    for line in cap.out.splitlines():
+        for key in ("MEGABYTE (this run)", "order-0, train byte freqs", "gzip -9", "lzma -9e"):
+            if line.strip().startswith(key) and "bpb" in line:
+                figures[key] = float(line.strip()[len(key):].split()[0])
+    assert set(figures) == {"MEGABYTE (this run)", "order-0, train byte freqs", "gzip -9", "lzma -9e"}, cap.out
+    assert all(0 < v < 20 for v in figures.values()), figures
+    assert "--- sample" in cap.out
+    assert "step 20/20" in cap.err and "B/s" in cap.err and "ETA" in cap.err  # progress (not a TTY)
+
+    recs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in recs]
+    assert kinds[0] == "run" and kinds[-1] == "final" and "train" in kinds and kinds.count("eval") == 2
+    final = recs[-1]
+    assert math.isclose(final["heldout_bpb"], figures["MEGABYTE (this run)"], abs_tol=1e-3)
+
+    # eval reads the data from the checkpoint and reproduces the training run's figure
+    rc = main(["eval", "--checkpoint", str(out), "--threads", "1"])
+    assert rc == 0
+    ev = capsys.readouterr().out
+    line = next(ln for ln in ev.splitlines() if ln.strip().startswith("MEGABYTE"))
+    assert math.isclose(float(line.split()[1]), final["heldout_bpb"], abs_tol=1e-3), ev
+    # and with an explicit --data
+    assert main(["eval", "--checkpoint", str(out), "--data", str(data), "--threads", "1"]) == 0
+    assert "bpb" in capsys.readouterr().out
+
+
+def test_training_lowers_the_loss(tmp_path, capsys):
+    """A tiny model on a very regular corpus gets well under its initial ln(512) nats."""
+    f = tmp_path / "abc.txt"
+    f.write_bytes(b"abcdefgh" * 800)
+    args = ["train", "--data", str(f), "--out", str(tmp_path / "o"), *TINY_MODEL]
+    args[args.index("--steps") + 1] = "80"
+    args[args.index("--sample-bytes") + 1] = "0"
+    assert main(args + ["--lr", "1e-2"]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    first_train, final = recs[1], recs[-1]
+    assert first_train["kind"] == "train" and first_train["bpb"] > 8.5  # ~log2(512) at init
+    assert final["order0_bpb"] == pytest.approx(3.0, abs=0.1)  # 8 equally frequent bytes
+    assert final["heldout_bpb"] < final["order0_bpb"]  # learned more than byte frequencies
+    capsys.readouterr()
+
+
+def test_python_m_megabyte_help():
+    r = subprocess.run([sys.executable, "-m", "megabyte", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "train" in r.stdout and "eval" in r.stdout
+
+
+def test_clear_errors(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert main(["train", "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 100)
+    assert main(["train", "--data", str(short), "--seq-len", "256", "--out", str(tmp_path / "o")]) == 2
+    assert "shorter than one training sequence" in capsys.readouterr().err
+
+    (tmp_path / "emptydir").mkdir()
+    assert main(["train", "--data", str(tmp_path / "emptydir"), "--out", str(tmp_path / "o")]) == 2
+    assert "no files" in capsys.readouterr().err
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "emptydir")]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+def test_split_is_deterministic_and_by_file(tmp_path):
+    data = _write_corpus(tmp_path / "c", n_files=40)
+    a = load_corpus(data, heldout_frac=0.2)
+    b = load_corpus(data, heldout_frac=0.2)
+    assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout)
+    assert a.n_heldout_files > 0 and a.n_train_files > 0
+    assert a.n_train_files + a.n_heldout_files == 41
+    # the split of a file depends on its path only: adding a file moves no other file
+    (data / "zzz_new.py").write_text("print('new')\n")
+    c = load_corpus(data, heldout_frac=0.2)
+    held = sorted(p.relative_to(data).as_posix() for p in data.iterdir() if is_heldout(p.name, 0.2))
+    assert c.n_heldout_files == len(held)
+    assert is_heldout("mod_03.py", 0.2) == is_heldout("mod_03.py", 0.2)
+
+
+def test_default_corpus_is_stdlib_and_capped():
+    c = load_corpus(None, max_bytes=100_000, eval_bytes=10_000)
+    assert len(c.train) == 100_000 and len(c.heldout) == 10_000
+    assert "standard library" in c.source
+    assert bytes(c.train[:4000].tolist()).count(b"def ") + bytes(c.train[:4000].tolist()).count(b"import") > 0
+    d = load_corpus(None, max_bytes=100_000, eval_bytes=10_000)
+    assert torch.equal(c.train, d.train) and torch.equal(c.heldout, d.heldout)
+
+
+def test_single_file_split_by_position(tmp_path):
+    f = tmp_path / "doc.bin"
+    payload = bytes(i % 251 for i in range(10_000))
+    f.write_bytes(payload)
+    c = load_corpus(f, heldout_frac=0.05)
+    assert bytes(c.train.tolist()) == payload[:9500] and bytes(c.heldout.tolist()) == payload[9500:]
+    c = load_corpus(f, heldout_frac=0.05, max_bytes=1000, eval_bytes=100)  # caps do not move the split
+    assert bytes(c.train.tolist()) == payload[:1000] and bytes(c.heldout.tolist()) == payload[9500:9600]
+
+
+def test_unreadable_file_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    data = _write_corpus(tmp_path / "c", n_files=6)
+    (data / "broken_link.py").symlink_to(tmp_path / "does_not_exist")  # not a regular file: ignored
+    (data / "zz_unreadable.py").write_text("x = 1\n" * 50)
+    full = load_corpus(data)
+    # a file that cannot be read (permissions do not bind root, so fail the read itself)
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "zz_unreadable.py":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.warns(UserWarning, match="unreadable"):
+        c = load_corpus(data)
+    assert [Path(s).name for s in c.skipped] == ["zz_unreadable.py"]
+    assert len(c.train) + len(c.heldout) < len(full.train) + len(full.heldout)
+
+
+def test_batch_sampler_seeded_and_eval_windows_cover_everything():
+    data = torch.arange(1000, dtype=torch.int64).to(torch.uint8)
+    s1, s2 = BatchSampler(data, 16, 4, seed=3), BatchSampler(data, 16, 4, seed=3)
+    torch.manual_seed(0)
+    a = s1()
+    torch.manual_seed(123)  # the global RNG does not matter
+    b = s2()
+    assert a.shape == (4, 16) and a.dtype == torch.int64 and torch.equal(a, b)
+    assert not torch.equal(s1(), a)
+    # windows are contiguous slices of the data
+    assert bool(((a[:, 1:] - a[:, :-1]) % 256 == 1).all())
+
+    wins = list(eval_windows(data, 64, 5))
+    assert [w.shape for w in wins][-1] == (1, 1000 - 15 * 64)
+    flat = torch.cat([w.reshape(-1) for w in wins])
+    assert torch.equal(flat, data.long())
+    assert all(torch.equal(x, y) for x, y in zip(wins, eval_windows(data, 64, 5)))
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines
+
+def test_baselines_on_known_inputs():
+    assert baselines.entropy_bpb(b"ab" * 500) == pytest.approx(1.0)
+    assert baselines.entropy_bpb(b"aaaa") == pytest.approx(0.0)
+    assert baselines.entropy_bpb(bytes(range(256)) * 4) == pytest.approx(8.0)
+    # order-0 of train frequencies as cross entropy on held-out bytes
+    assert baselines.order0_bpb(b"ab" * 500, b"ab" * 10, alpha=0) == pytest.approx(1.0)
+    assert baselines.order0_bpb(b"ab" * 500, b"aaaa", alpha=0) == pytest.approx(1.0)
+    assert baselines.order0_bpb(b"aaab" * 100, b"ab", alpha=0) == pytest.approx(0.5 * (-math.log2(0.75) + 2))
+    assert baselines.order0_bpb(b"ab", b"c", alpha=0) == math.inf
+    assert baselines.order0_bpb(b"ab" * 100_000, b"ab" * 10) == pytest.approx(1.0, abs=1e-2)  # add-one
+    assert math.isfinite(baselines.order0_bpb(b"ab", b"c"))
+    # tensors and bytes give the same figures
+    t = torch.tensor(list(b"hello world"), dtype=torch.uint8)
+    assert baselines.entropy_bpb(t) == baselines.entropy_bpb(b"hello world")
+    # compressors: a repetitive string compresses far below 8 bits/byte, random bytes do not
+    assert baselines.gzip_bpb(b"abc" * 10_000) < 0.1 and baselines.lzma_bpb(b"abc" * 10_000) < 0.1
+    rnd = random.Random(0).randbytes(20_000)
+    assert baselines.gzip_bpb(rnd) > 7.9 and baselines.lzma_bpb(rnd) > 7.9
+    assert baselines.gzip_bpb(t) == baselines.gzip_bpb(b"hello world")
