@@ -106,14 +106,31 @@ def _shifted_local_id(Ids, m, T, KP, P, pad_id, V, stride_ib, stride_it, mask,
     return lid
 
 
+def _gemm_configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+# GPU configs of the GEMM (forward and dX), per operand width; compiled by the aot tests.
+# fp32 (IEEE dot) tiles take twice the shared memory per element: smaller tiles, fewer stages.
+MATMUL_CONFIGS_16 = _gemm_configs(((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+                                   (64, 128, 64, 4, 4), (256, 128, 64, 8, 3)))
+MATMUL_CONFIGS_32 = _gemm_configs(((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)))
+
+
+def _prune_by_dtype(configs, named_args, **kwargs):
+    """Keep the configs made for the operands' width (all of them when pinned to one)."""
+    want = MATMUL_CONFIGS_32 if named_args["A"].dtype == torch.float32 else MATMUL_CONFIGS_16
+    kept = [c for c in configs if any(c is w for w in want)]
+    return kept or configs
+
+
 @triton.autotune(
-    configs=_configs(
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-         for m, n, k, w, s in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-                               (64, 128, 64, 4, 4), (256, 128, 64, 8, 3))],
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1),
-    ),
+    configs=_configs(MATMUL_CONFIGS_16 + MATMUL_CONFIGS_32,
+                     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+                                   num_warps=4, num_stages=1)),
     key=["N", "Kd", "EPILOGUE"],
+    prune_configs_by={"early_config_prune": _prune_by_dtype},
 )
 @triton.jit
 def _g2l_matmul_kernel(
@@ -219,6 +236,11 @@ def _matmul(a: torch.Tensor, b_ptr: torch.Tensor, stride_bk: int, stride_bn: int
     return c
 
 
+def atb_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """GPU (BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages) of the dW kernel (64x64 for IEEE fp32)."""
+    return (64, 64, 32, 4, 3) if dtype == torch.float32 else (128, 128, 64, 8, 3)
+
+
 def _atb(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(NA, NB) ``a^T @ b`` in ``dtype`` for row-major a (M, NA), b (M, NB); deterministic split-M."""
     M, NA = a.shape
@@ -226,7 +248,7 @@ def _atb(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if _pinned():
         BLOCK_I, BLOCK_J, BLOCK_M, warps, stages, target = 16, 32, 32, 4, 1, 2
     else:
-        BLOCK_I, BLOCK_J, BLOCK_M, warps, stages = 128, 128, 64, 8, 3
+        BLOCK_I, BLOCK_J, BLOCK_M, warps, stages = atb_config(a.dtype)
         target = 2 * torch.cuda.get_device_properties(a.device).multi_processor_count
     tiles = triton.cdiv(NA, BLOCK_I) * triton.cdiv(NB, BLOCK_J)
     m_blocks = triton.cdiv(M, BLOCK_M)

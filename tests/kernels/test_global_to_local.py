@@ -1,0 +1,198 @@
+"""Parity tests of the Triton global-to-local projection (DESIGN.md §4, tiers 2-4).
+
+Tier 2 (interpreter, CPU): forward and the gradients of global_out, weight, bias, local_table
+and local_pad against the reference in float64, every Triton-path buffer prefilled with NaN,
+backward run twice and compared bitwise. Tier 3 (``-m aot``): every kernel compiled for
+sm_80/sm_90 in fp16/bf16/fp32. Tier 4 (``gpu``): bf16 and large shapes on CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from megabyte_kernels import global_to_local
+from megabyte_kernels.backends import interpreting
+from tests.aot import compile_cases
+
+# the package re-exports the functions under the modules' names: fetch the modules themselves
+pe_mod = importlib.import_module("megabyte_kernels.patch_embed")
+g2l_mod = importlib.import_module("megabyte_kernels.global_to_local")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton_path = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
+                                       reason="needs CUDA or TRITON_INTERPRET=1")
+
+# dtype and its (atol, rtol) against the float64 reference (GEMM over D_G <= 40 terms of unit
+# scale); bf16 in the interpreter checks the indexing only (tiles upcast after loading).
+DTYPES = [
+    pytest.param(torch.float32, 1e-4, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-2, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 8e-2, 2e-2, id="bf16"),
+]
+
+
+@pytest.fixture(autouse=True)
+def nan_buffers(monkeypatch):
+    """Every buffer the Triton path allocates starts as NaN: each element must be written."""
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(pe_mod, "_alloc", alloc)
+    monkeypatch.setattr(g2l_mod, "_alloc", alloc)
+
+
+def make_inputs(B, T, P, D_G, D_L, V, *, bias, local_pad, dtype, noncontig=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    K = -(-T // P)
+    if noncontig:  # sliced ids, strided global output, transposed weight and table
+        ids = torch.randint(0, V, (B, 2 * T), generator=gen)[:, 1::2]
+        x = torch.randn(B, K, 2 * P * D_G, generator=gen)[:, :, ::2]
+        w = torch.randn(D_G, D_L, generator=gen).t()
+        table = torch.randn(D_L, V, generator=gen).t()
+    else:
+        ids = torch.randint(0, V, (B, T), generator=gen)
+        x = torch.randn(B, K, P * D_G, generator=gen)
+        w = torch.randn(D_L, D_G, generator=gen)
+        table = torch.randn(V, D_L, generator=gen)
+    w = w * D_G ** -0.5
+    b = torch.randn(D_L, generator=gen) if bias else None
+    lp = torch.randn(D_L, generator=gen) if local_pad else None
+    to = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()  # noqa: E731
+    return ids.to(DEVICE), to(x), to(w), to(b), to(table), to(lp)
+
+
+# (B, T, P, D_G, D_L, bias, local_pad, cross_patch, non-contiguous)
+CASES = [
+    (2, 10, 4, 24, 40, True, False, False, False),   # T not a multiple of P, odd widths
+    (1, 7, 3, 40, 24, False, True, True, False),     # B=1, P=3, local pad, cross-patch shift
+    (3, 5, 1, 24, 24, True, True, False, False),     # P=1: every slot is shifted in
+    (2, 20, 8, 24, 40, True, False, True, True),     # P=8, cross-patch, non-contiguous inputs
+    (2, 12, 4, 40, 24, False, False, False, True),   # T multiple of P, no bias, non-contiguous
+    (1, 70, 64, 24, 24, True, True, False, False),   # P=64
+]
+
+
+def _run(x, ids, w, b, table, lp, P, pad_id, cross, backend):
+    return global_to_local(x, ids, w, b, table, patch_size=P, pad_id=pad_id, local_pad=lp, cross_patch=cross,
+                           backend=backend)
+
+
+def _check(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, atol, rtol, V=19, pad_id=3):
+    ids, *tensors = make_inputs(B, T, P, D_G, D_L, V, bias=bias, local_pad=local_pad, dtype=dtype,
+                                noncontig=noncontig)
+    x, w, b, table, lp = tensors
+    params = [t for t in tensors if t is not None]
+    ref_tensors = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    ref_params = [t for t in ref_tensors if t is not None]
+
+    out = _run(x, ids, w, b, table, lp, P, pad_id, cross, "triton")
+    ref = _run(ref_tensors[0], ids, *ref_tensors[1:], P, pad_id, cross, "reference")
+    assert out.dtype == dtype and out.shape == ref.shape == (B * (-(-T // P)), P, D_L)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, params, grad, retain_graph=True)
+    grads2 = torch.autograd.grad(out, params, grad)
+    ref_grads = torch.autograd.grad(ref, ref_params, grad.double())
+    for g, g2, rg, p in zip(grads, grads2, ref_grads, params):
+        assert g.dtype == p.dtype and g.shape == p.shape
+        assert torch.equal(g, g2), "backward is not deterministic"
+        # dW, db and the table sum over up to B*K*P rows: scale atol by the gradient's magnitude
+        torch.testing.assert_close(g.double(), rg, atol=atol * max(1.0, rg.abs().max().item()), rtol=rtol)
+
+
+@needs_triton_path
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, T, P, D_G, D_L, bias, local_pad, cross, noncontig", CASES)
+def test_parity(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, atol, rtol):
+    _check(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, atol, rtol)
+
+
+@needs_triton_path
+def test_ids_out_of_range_raise_before_kernels(monkeypatch):
+    ids, x, w, b, table, _ = make_inputs(2, 9, 4, 24, 24, 19, bias=True, local_pad=False, dtype=torch.float32)
+    monkeypatch.setitem(g2l_mod.IMPLS, "triton", lambda *a, **k: pytest.fail("kernel reached"))
+    for bad in (19, -1):
+        bad_ids = ids.clone()
+        bad_ids[0, 8] = bad
+        with pytest.raises(ValueError, match="ids must lie in"):
+            _run(x, bad_ids, w, b, table, None, 4, 3, False, "triton")
+
+
+@needs_triton_path
+def test_opcheck():
+    ids, x, w, b, table, lp = make_inputs(2, 7, 3, 24, 16, 11, bias=True, local_pad=True, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.megabyte.global_to_local_fwd.default, (x, ids, w, b, table, lp, 3, 2, True))
+    grad = torch.randn(2 * 3, 3, 16, device=DEVICE)
+    torch.library.opcheck(torch.ops.megabyte.global_to_local_bwd.default,
+                          (grad, x.detach(), ids, w.detach(), 11, 3, 2, True, True, True))
+
+
+# ---------------------------------------------------------------------------- tier 3: AOT
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _signature(kernel, ptrs: dict, constexprs: dict) -> dict:
+    fn = kernel
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    return {n: "constexpr" if n in constexprs else ptrs.get(n, "i32") for n in fn.arg_names}
+
+
+def _aot_cases():
+    """Per arch and dtype: the GEMM with the fused epilogue (forward) and without (dX) at its
+    largest config, and the dW kernel; every other autotune config once per dtype on sm_90."""
+    cases = []
+    for arch in (80, 90):
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            p = _PTR[dt]
+            ptrs = {"A": p, "Bmat": p, "C": p, "Bias": p, "Ids": "*i64", "Table": p, "LocalPad": p}
+            configs = g2l_mod.MATMUL_CONFIGS_32 if dt == torch.float32 else g2l_mod.MATMUL_CONFIGS_16
+            for cfg in configs:
+                largest = cfg is configs[-1]
+                if not largest and not (arch == 90 and dt != torch.float16):
+                    continue
+                for epilogue in (True, False) if largest else (True,):
+                    ce = {"EPILOGUE": epilogue, "HAS_BIAS": True, "CROSS_PATCH": False, "HAS_LOCAL_PAD": True,
+                          "UPCAST": False, "PRECISION": "ieee", **cfg.kwargs}
+                    cases.append({"kernel": "megabyte_kernels.global_to_local:_g2l_matmul_kernel",
+                                  "signature": _signature(g2l_mod._g2l_matmul_kernel, ptrs, ce), "constexprs": ce,
+                                  "arch": arch, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            bi, bj, bm, warps, stages = g2l_mod.atb_config(dt)
+            ce = {"UPCAST": False, "PRECISION": "ieee", "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_M": bm}
+            cases.append({"kernel": "megabyte_kernels.global_to_local:_atb_kernel",
+                          "signature": _signature(g2l_mod._atb_kernel, {"A": p, "Bmat": p, "Partial": "*fp32"}, ce),
+                          "constexprs": ce, "arch": arch, "num_warps": warps, "num_stages": stages})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    """One compile batch per CPU core, run side by side (each is one subprocess)."""
+    cases = _aot_cases()
+    n = max(1, min(len(cases), os.cpu_count() or 1))
+    chunks = [cases[i::n] for i in range(n)]
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(compile_cases, chunks))
+    return [pair for chunk, res in zip(chunks, results) for pair in zip(chunk, res)]
+
+
+@pytest.mark.aot
+def test_aot_compiles(aot_results):
+    failed = [(c["kernel"], c["constexprs"], c["arch"], r["error"]) for c, r in aot_results if not r["ok"]]
+    assert not failed, failed
+    for c, r in aot_results:  # A100 and H100/H200 allow up to 164/227 KiB of shared memory per block
+        limit = (164 if c["arch"] == 80 else 227) * 1024
+        assert r["shared"] <= limit, (c["kernel"], c["constexprs"], c["arch"], r["shared"])
+
+
+# ---------------------------------------------------------------------------- tier 4: GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", [pytest.param(torch.bfloat16, 6e-2, 2e-2, id="bf16"),
+                                               pytest.param(torch.float16, 1e-2, 2e-3, id="fp16")])
+@pytest.mark.parametrize("cross, local_pad", [(False, False), (True, True)])
+def test_gpu_large(cross, local_pad, dtype, atol, rtol):
+    _check(4, 4093, 8, 1024, 512, True, local_pad, cross, False, dtype, atol, rtol, V=512, pad_id=0)

@@ -1,0 +1,193 @@
+"""Parity tests of the Triton patch embedding (DESIGN.md §4, tiers 2-4).
+
+Tier 2 (interpreter, CPU): forward and every gradient against the reference in float64, every
+Triton-path buffer prefilled with NaN (a row or column the kernels forget shows up), backward
+run twice and compared bitwise. Tier 3 (``-m aot``): every kernel compiled for sm_80/sm_90 in
+fp16/bf16/fp32. Tier 4 (``gpu``): bf16 and large shapes on CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from megabyte_kernels import patch_embed
+from megabyte_kernels.backends import interpreting
+from tests.aot import compile_cases
+
+# the package re-exports the functions under the modules' names: fetch the modules themselves
+pe_mod = importlib.import_module("megabyte_kernels.patch_embed")
+g2l_mod = importlib.import_module("megabyte_kernels.global_to_local")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton_path = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
+                                       reason="needs CUDA or TRITON_INTERPRET=1")
+
+# dtype and its (atol, rtol) against the float64 reference; bf16 in the interpreter checks the
+# indexing only (tiles upcast after loading), its numerics are the GPU tier's.
+DTYPES = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 2e-2, 2e-2, id="bf16"),
+]
+
+
+@pytest.fixture(autouse=True)
+def nan_buffers(monkeypatch):
+    """Every buffer the Triton path allocates starts as NaN: each element must be written."""
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(pe_mod, "_alloc", alloc)
+    monkeypatch.setattr(g2l_mod, "_alloc", alloc)
+
+
+def make_inputs(B, T, P, D, V, *, pos, pad_patch, dtype, noncontig=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if noncontig:  # sliced ids, transposed table
+        ids = torch.randint(0, V, (B, 2 * T), generator=gen)[:, ::2]
+        table = torch.randn(D, V, generator=gen).t()
+    else:
+        ids = torch.randint(0, V, (B, T), generator=gen)
+        table = torch.randn(V, D, generator=gen)
+    K = -(-T // P)
+    pos_t = torch.randn(K * P + 5, D, generator=gen) if pos else None
+    pad_t = torch.randn(P, D, generator=gen) if pad_patch else None
+    to = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()  # noqa: E731
+    return ids.to(DEVICE), to(table), to(pos_t), to(pad_t)
+
+
+# (B, T, P, D, pos_table, pad_patch, non-contiguous)
+CASES = [
+    (2, 10, 4, 24, True, False, False),   # T not a multiple of P, odd D
+    (1, 7, 3, 40, True, True, False),     # B=1, P=3, both tables
+    (3, 5, 1, 24, False, True, False),    # P=1
+    (2, 20, 8, 40, False, False, True),   # P=8, no position table, non-contiguous ids and table
+    (2, 12, 4, 24, True, True, True),     # T multiple of P, non-contiguous
+    (1, 70, 64, 24, True, False, False),  # P=64, one full patch and one partial
+]
+
+
+def _run(ids, table, pos, pad, P, pad_id, backend):
+    return patch_embed(ids, table, pos, patch_size=P, pad_id=pad_id, pad_patch=pad, backend=backend)
+
+
+@needs_triton_path
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, T, P, D, pos, pad_patch, noncontig", CASES)
+def test_parity(B, T, P, D, pos, pad_patch, noncontig, dtype, atol, rtol):
+    V, pad_id = 19, 3
+    ids, table, pos_t, pad_t = make_inputs(B, T, P, D, V, pos=pos, pad_patch=pad_patch, dtype=dtype,
+                                           noncontig=noncontig)
+    params = [t for t in (table, pos_t, pad_t) if t is not None]
+    ref_params = [t.detach().double().requires_grad_() for t in params]
+    it = iter(ref_params)
+    r_table, r_pos, r_pad = (None if t is None else next(it) for t in (table, pos_t, pad_t))
+
+    out = _run(ids, table, pos_t, pad_t, P, pad_id, "triton")
+    ref = _run(ids, r_table, r_pos, r_pad, P, pad_id, "reference")
+    assert out.dtype == dtype and out.shape == ref.shape == (B, -(-T // P), P * D)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, params, grad, retain_graph=True)
+    grads2 = torch.autograd.grad(out, params, grad)
+    ref_grads = torch.autograd.grad(ref, ref_params, grad.double())
+    for g, g2, rg, p in zip(grads, grads2, ref_grads, params):
+        assert g.dtype == p.dtype and g.shape == p.shape
+        assert torch.equal(g, g2), "backward is not deterministic"
+        torch.testing.assert_close(g.double(), rg, atol=atol * 4, rtol=rtol)
+
+
+@needs_triton_path
+def test_ids_out_of_range_raise_before_kernels(monkeypatch):
+    ids, table, pos_t, _ = make_inputs(2, 9, 4, 24, 19, pos=True, pad_patch=False, dtype=torch.float32)
+    monkeypatch.setitem(pe_mod.IMPLS, "triton", lambda *a, **k: pytest.fail("kernel reached"))
+    for bad in (19, -1):
+        bad_ids = ids.clone()
+        bad_ids[1, 5] = bad
+        with pytest.raises(ValueError, match="ids must lie in"):
+            _run(bad_ids, table, pos_t, None, 4, 3, "triton")
+
+
+@needs_triton_path
+def test_opcheck():
+    ids, table, pos_t, pad_t = make_inputs(2, 7, 3, 24, 11, pos=True, pad_patch=True, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.megabyte.patch_embed_fwd.default, (ids, table, pos_t, pad_t, 3, 2))
+    grad = torch.randn(2, 3, 3 * 24, device=DEVICE)
+    torch.library.opcheck(torch.ops.megabyte.patch_embed_bwd.default, (grad, ids, 11, pos_t.shape[0], 3, 2, True, True))
+
+
+# ---------------------------------------------------------------------------- tier 3: AOT
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _signature(kernel, ptrs: dict, constexprs: dict) -> dict:
+    fn = kernel
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    return {n: "constexpr" if n in constexprs else ptrs.get(n, "i32") for n in fn.arg_names}
+
+
+def _aot_cases():
+    cases = []
+    for arch in (80, 90):
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            p = _PTR[dt]
+            for cfg in pe_mod.FWD_CONFIGS:  # every autotune config
+                fwd = {"HAS_POS": True, "HAS_PAD_PATCH": True, **cfg.kwargs}
+                cases.append({"kernel": "megabyte_kernels.patch_embed:_patch_embed_fwd_kernel",
+                              "signature": _signature(pe_mod._patch_embed_fwd_kernel,
+                                                      {"Ids": "*i64", "Table": p, "Pos": p, "PadPatch": p, "Out": p},
+                                                      fwd),
+                              "constexprs": fwd, "arch": arch, "num_warps": cfg.num_warps})
+            bv, bn, bd, warps, stages = pe_mod.onehot_config(dt)
+            oh = {"BLOCK_V": bv, "BLOCK_N": bn, "BLOCK_D": bd, "UPCAST": False, "PRECISION": "ieee"}
+            cases.append({"kernel": "megabyte_kernels.patch_embed:_onehot_grad_kernel",
+                          "signature": _signature(pe_mod._onehot_grad_kernel,
+                                                  {"Codes": "*i32", "G": p, "Partial": "*fp32"}, oh),
+                          "constexprs": oh, "arch": arch, "num_warps": warps, "num_stages": stages})
+            sl = {"BLOCK_R": 8, "BLOCK_D": 256}
+            cases.append({"kernel": "megabyte_kernels.patch_embed:_sum_leading_kernel",
+                          "signature": _signature(pe_mod._sum_leading_kernel, {"X": p, "Out": p}, sl),
+                          "constexprs": sl, "arch": arch})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    cases = _aot_cases()
+    return list(zip(cases, compile_cases(cases)))
+
+
+@pytest.mark.aot
+def test_aot_compiles(aot_results):
+    failed = [(c["kernel"], c["signature"], r["error"]) for c, r in aot_results if not r["ok"]]
+    assert not failed, failed
+    for c, r in aot_results:  # H100/H200 and A100 both have >= 164 KiB of shared memory per block
+        assert r["shared"] <= 160 * 1024, (c["kernel"], r["shared"])
+
+
+# ---------------------------------------------------------------------------- tier 4: GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", [pytest.param(torch.bfloat16, 2e-2, 2e-2, id="bf16"),
+                                               pytest.param(torch.float16, 2e-3, 2e-3, id="fp16")])
+@pytest.mark.parametrize("P, pad_patch", [(8, False), (4, True)])
+def test_gpu_large(P, pad_patch, dtype, atol, rtol):
+    B, T, D, V, pad_id = 4, 8190, 1024, 512, 0
+    ids, table, pos_t, pad_t = make_inputs(B, T, P, D, V, pos=True, pad_patch=pad_patch, dtype=dtype)
+    params = [t for t in (table, pos_t, pad_t) if t is not None]
+    ref_params = [t.detach().double().requires_grad_() for t in params]
+    it = iter(ref_params)
+    r_table, r_pos, r_pad = (None if t is None else next(it) for t in (table, pos_t, pad_t))
+    out = _run(ids, table, pos_t, pad_t, P, pad_id, "triton")
+    ref = _run(ids, r_table, r_pos, r_pad, P, pad_id, "reference")
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, params, grad, retain_graph=True)
+    grads2 = torch.autograd.grad(out, params, grad)
+    ref_grads = torch.autograd.grad(ref, ref_params, grad.double())
+    for g, g2, rg in zip(grads, grads2, ref_grads):
+        assert torch.equal(g, g2)
+        # the table rows sum up to B*T fp32 terms: scale the tolerance by the row magnitudes
+        torch.testing.assert_close(g.double(), rg, atol=atol * max(1.0, rg.abs().max().item()) / 4, rtol=rtol)
