@@ -1,0 +1,1 @@
+"""Benchmarks: each module has ``run(device, quick) -> list[dict]`` and a ``__main__`` printing a table."""
