@@ -1,0 +1,186 @@
+"""Loader of the native C++ CPU ops (``csrc/megabyte_native.cpp``): ``backend="native"``.
+
+The extension defines four operators in the ``megabyte_native`` namespace with
+``TORCH_LIBRARY`` (``patch_embed``, ``global_to_local`` and their ``*_backward``), their CPU
+kernels and their autograd (C++). This module
+
+* builds it once per process, thread-safely, on first use: a library built ahead of time by
+  ``MEGABYTE_BUILD_NATIVE=1 pip install -e .`` is loaded when it matches the running torch;
+  otherwise ``torch.utils.cpp_extension.load`` compiles ``csrc/`` into the torch extensions
+  cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), where later processes
+  find it already built;
+* registers the fake (meta) implementations, so that ``torch.compile`` and
+  ``torch.library.opcheck`` see proper operators;
+* puts ``"native"`` into the backend tables of :mod:`.patch_embed` and :mod:`.global_to_local`
+  (``backend="auto"`` uses it on CPU tensors only when :func:`available` says the build works;
+  without a compiler ``auto`` falls back to the reference with one warning, and
+  ``backend="native"`` raises a clear error).
+
+Set ``MEGABYTE_NATIVE=0`` to never build or use it (``auto`` then means the reference on CPU).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import warnings
+
+import torch
+
+# (the package's ``patch_embed`` / ``global_to_local`` names are the public functions, which
+# shadow the submodules: import the tables themselves)
+from .global_to_local import IMPLS as _G2L_IMPLS
+from .patch_embed import IMPLS as _PE_IMPLS
+
+NAME = "megabyte_native"
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = [os.path.join(_ROOT, "csrc", "megabyte_native.cpp")]
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "error": None, "how": None}
+
+
+def extra_cflags(portable: bool = False) -> list[str]:
+    """-O3 and OpenMP (``at::parallel_for`` is serial without it); AVX2 for ``at::vec`` when this
+    CPU has it (the JIT build runs on the machine that uses it; ``portable`` leaves it out)."""
+    flags = ["-O3", "-fopenmp", "-DNDEBUG"]
+    if not portable:
+        try:
+            cap = torch.backends.cpu.get_cpu_capability()
+        except Exception:  # older torch
+            cap = "DEFAULT"
+        if cap in ("AVX2", "AVX512"):
+            flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+    return flags
+
+
+def _load_prebuilt() -> bool:
+    """The library ``setup.py`` built next to this file (MEGABYTE_BUILD_NATIVE=1), if it loads."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in sorted(glob.glob(os.path.join(here, "_megabyte_native*.so"))):
+        try:
+            torch.ops.load_library(path)
+            return True
+        except OSError:  # built against another torch: fall back to the JIT build
+            continue
+    return False
+
+
+def _build() -> None:
+    if _load_prebuilt():
+        _state["how"] = "prebuilt"
+        return
+    for src in SOURCES:
+        if not os.path.isfile(src):
+            raise RuntimeError(f"the C++ sources are not there ({src}); install from a source checkout")
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name=NAME,
+        sources=SOURCES,
+        extra_cflags=extra_cflags(),
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,  # TORCH_LIBRARY ops only, no pybind11: loaded into torch.ops
+        verbose=False,
+    )
+    _state["how"] = "jit"
+
+
+def load() -> None:
+    """Build (once) and load the ops; raises ``RuntimeError`` with the reason when that fails."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                try:
+                    if os.environ.get("MEGABYTE_NATIVE", "1") == "0":
+                        raise RuntimeError("disabled by MEGABYTE_NATIVE=0")
+                    _build()
+                    _register_fakes()
+                except Exception as e:  # no compiler, no ninja, compile error, ...
+                    lines = str(e).strip().splitlines() or [""]
+                    first_err = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
+                    _state["error"] = f"{type(e).__name__}: {first_err.strip()}"
+                _state["tried"] = True
+    if _state["error"] is not None:
+        raise RuntimeError(f"the native CPU ops (csrc/) could not be built: {_state['error']}")
+
+
+def available() -> bool:
+    """True when the native ops are built and loaded (tries the build once; warns once if not)."""
+    try:
+        load()
+        return True
+    except RuntimeError as e:
+        if not _state.get("warned"):
+            _state["warned"] = True
+            warnings.warn(f"megabyte_kernels: {e}; backend='auto' uses the reference ops on CPU", stacklevel=3)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# fake (meta) implementations: shapes only, symbolic sizes welcome
+
+def _register_fakes() -> None:
+    lib = f"{NAME}::"
+
+    @torch.library.register_fake(lib + "patch_embed")
+    def _(ids, token_table, pos_table, pad_patch, patch_size, pad_id):
+        B, T = ids.shape
+        K = (T + patch_size - 1) // patch_size
+        return token_table.new_empty((B, K, patch_size * token_table.shape[1]))
+
+    @torch.library.register_fake(lib + "patch_embed_backward")
+    def _(grad, ids, vocab_size, pos_rows, patch_size, pad_id, has_pos, has_pad_patch):
+        D = grad.shape[2] // patch_size
+        return (grad.new_empty((vocab_size, D)), grad.new_empty((pos_rows if has_pos else 0, D)),
+                grad.new_empty((patch_size if has_pad_patch else 0, D)))
+
+    @torch.library.register_fake(lib + "global_to_local")
+    def _(global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id, cross_patch):
+        B, K, _ = global_out.shape
+        return global_out.new_empty((B * K, patch_size, weight.shape[0]))
+
+    @torch.library.register_fake(lib + "global_to_local_backward")
+    def _(grad, global_out, ids, weight, vocab_size, patch_size, pad_id, cross_patch, has_bias, has_local_pad):
+        D_L = weight.shape[0]
+        return (torch.empty_like(global_out), torch.empty_like(weight), grad.new_empty((D_L if has_bias else 0,)),
+                grad.new_empty((vocab_size, D_L)), grad.new_empty((D_L if has_local_pad else 0,)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend entries: same signatures as the reference functions
+
+def patch_embed_native(
+    ids: torch.Tensor,
+    token_table: torch.Tensor,
+    pos_table: torch.Tensor | None = None,
+    *,
+    patch_size: int,
+    pad_id: int,
+    pad_patch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Native CPU patch embedding, same signature and math as :func:`reference.patch_embed`."""
+    load()
+    return torch.ops.megabyte_native.patch_embed(ids, token_table, pos_table, pad_patch, patch_size, pad_id)
+
+
+def global_to_local_native(
+    global_out: torch.Tensor,
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    local_table: torch.Tensor,
+    *,
+    patch_size: int,
+    pad_id: int,
+    local_pad: torch.Tensor | None = None,
+    cross_patch: bool = False,
+) -> torch.Tensor:
+    """Native CPU global-to-local, same signature and math as :func:`reference.global_to_local`."""
+    load()
+    return torch.ops.megabyte_native.global_to_local(global_out, ids, weight, bias, local_table, local_pad,
+                                                     patch_size, pad_id, cross_patch)
+
+
+_PE_IMPLS["native"] = patch_embed_native
+_G2L_IMPLS["native"] = global_to_local_native
