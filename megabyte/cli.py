@@ -1,9 +1,11 @@
-"""The ``megabyte`` command line: ``megabyte train`` and ``megabyte eval``.
+"""The ``megabyte`` command line: ``megabyte train``, ``megabyte eval`` and ``megabyte generate``.
 
 ``megabyte train`` with no arguments trains the small default demo model on the running
 interpreter's standard library (no download) and prints held-out bits per byte next to the
 order-0, ``gzip -9`` and ``lzma`` baselines. ``megabyte eval --checkpoint DIR`` scores a
-checkpoint. Each subcommand is a function ``add_<name>_parser(subparsers)`` plus a handler, so a
+checkpoint (``--strided``: the paper's two passes offset by P/2, :mod:`megabyte.evaluate`).
+``megabyte generate --checkpoint DIR --prompt TEXT`` streams sampled bytes to stdout
+(:func:`megabyte.generation.run_generate`). Each subcommand is a function ``add_<name>_parser(subparsers)`` plus a handler, so a
 later one (``generate``) slots in the same way.
 """
 from __future__ import annotations
@@ -86,8 +88,28 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder written by save_pretrained")
     _add_data_args(p, defaults=False)
     p.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the training one)")
+    p.add_argument("--strided", action="store_true",
+                   help="strided inference (MEGABYTE paper, Table 11): score twice, the second pass offset by "
+                        "P/2 bytes, and take each byte from the pass where it sits in the first half of its patch")
     _add_runtime_args(p)
     p.set_defaults(func=_cmd_eval)
+    return p
+
+
+def add_generate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="stream bytes sampled from a checkpoint",
+                       description="Echo the prompt, then stream bytes sampled from a checkpoint to stdout as they "
+                                   "are produced (cached incremental decoding; invalid UTF-8 is shown as U+FFFD).")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder written by save_pretrained / train")
+    p.add_argument("--prompt", default="", help="prompt text (UTF-8; default: empty)")
+    p.add_argument("--max-bytes", type=int, default=256, help="bytes to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely bytes")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of mass >= P")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd_generate)
     return p
 
 
@@ -113,11 +135,17 @@ def _cmd_eval(a) -> int:
     return 0
 
 
+def _cmd_generate(a) -> int:
+    from .generation import run_generate
+    return run_generate(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megabyte", description="MEGABYTE byte-level language model")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

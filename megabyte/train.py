@@ -389,9 +389,13 @@ def run_eval(args) -> dict:
                          eval_bytes=eval_bytes, heldout_frac=args.heldout_frac or spec.get("heldout_frac") or 0.05,
                          min_len=1)
     print(f"data: {corpus.describe()}")
-    bpb = evaluate(model, corpus.heldout, seq_len, args.eval_batch_size, device)
+    score, how = evaluate, ""
+    if getattr(args, "strided", False):  # megabyte eval --strided (megabyte/evaluate.py)
+        from .evaluate import evaluate_strided as score
+        how = f", strided (two passes offset by P/2={model.config.P // 2})"
+    bpb = score(model, corpus.heldout, seq_len, args.eval_batch_size, device)
     base = baselines.all_baselines(corpus.train, corpus.heldout)
-    print(f"held-out bits per byte (log2) on the same {len(corpus.heldout):,} bytes, windows of {seq_len}:")
+    print(f"held-out bits per byte (log2) on the same {len(corpus.heldout):,} bytes, windows of {seq_len}{how}:")
     _print_table([
         ("MEGABYTE", f"{bpb:.3f} bpb  ({ckpt})"),
         ("order-0, train byte freqs", f"{base['order0_bpb']:.3f} bpb  (cross entropy on held-out, add-one smoothed)"),
