@@ -24,6 +24,16 @@ def triton_available() -> bool:
     return True
 
 
+def native_available() -> bool:
+    """True when the native C++ CPU ops (``csrc/``) are built: the first call builds them (once
+    per process, cached on disk), a failed build warns once and is remembered."""
+    try:
+        from . import native
+    except ImportError:
+        return False
+    return native.available()
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -38,7 +48,7 @@ def resolve_backend(backend: str | None, device: torch.device, impls: dict[str, 
     if backend == "auto":
         if device.type == "cuda" and "triton" in impls and triton_available():
             return impls["triton"]
-        if device.type == "cpu" and "native" in impls:
+        if device.type == "cpu" and "native" in impls and native_available():
             return impls["native"]
         return impls["reference"]
     if backend not in impls:
@@ -51,4 +61,6 @@ def resolve_backend(backend: str | None, device: torch.device, impls: dict[str, 
                 f"{op}: backend='triton' needs CUDA tensors (got {device}); "
                 "set TRITON_INTERPRET=1 to run the kernels on CPU tensors in the interpreter"
             )
+    if backend == "native" and device.type != "cpu":
+        raise ValueError(f"{op}: backend='native' runs on CPU tensors only (got {device})")
     return impls[backend]
