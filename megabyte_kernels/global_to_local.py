@@ -4,14 +4,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
 from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, check_same_device,
                         check_same_dtype, check_shape, num_patches)
-from .backends import resolve_backend
-from .patch_embed import _alloc, _configs, _dot_precision, _onehot_grad, _pinned, _sum_leading, _upcast
+from ._triton_compat import tl, triton
+from .backends import interpreting, resolve_backend
+from .patch_embed import _alloc, _configs, _dot_precision, _onehot_grad, _sum_leading, _upcast
 
 IMPLS = {"reference": reference.global_to_local}
 
@@ -128,7 +127,8 @@ def _prune_by_dtype(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_configs(MATMUL_CONFIGS_16 + MATMUL_CONFIGS_32,
                      triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
-                                   num_warps=4, num_stages=1)),
+                                   num_warps=4, num_stages=1),
+                     [MATMUL_CONFIGS_16[0], MATMUL_CONFIGS_32[0]]),  # pruned to the one for the dtype
     key=["N", "Kd", "EPILOGUE"],
     prune_configs_by={"early_config_prune": _prune_by_dtype},
 )
@@ -245,7 +245,7 @@ def _atb(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(NA, NB) ``a^T @ b`` in ``dtype`` for row-major a (M, NA), b (M, NB); deterministic split-M."""
     M, NA = a.shape
     NB = b.shape[1]
-    if _pinned():
+    if interpreting():
         BLOCK_I, BLOCK_J, BLOCK_M, warps, stages, target = 16, 32, 32, 4, 1, 2
     else:
         BLOCK_I, BLOCK_J, BLOCK_M, warps, stages = atb_config(a.dtype)
@@ -370,7 +370,15 @@ def global_to_local_triton(
 ) -> torch.Tensor:
     """Triton global-to-local, same signature and math as :func:`reference.global_to_local`.
 
-    Inputs are validated by the public :func:`global_to_local`. Returns (B*K, P, D_L).
+    Inputs are validated by the public :func:`global_to_local`. Returns (B*K, P, D_L) in
+    global_out's dtype: one GEMM ``(B*K*P, D_G) @ W^T`` reading global_out in place, with the
+    bias and the shifted local embedding gathered in its epilogue.
+
+    Backward (deterministic, no atomics): dX = dOut @ W and dW = dOut^T @ X as tiled GEMMs
+    (dW split over rows into fp32 partials summed in a fixed order); d local_table, d local_pad
+    and db together as one one-hot matmul ``onehot(codes)^T @ dOut`` over the vocabulary
+    extended by a local-pad row and an all-ones (bias) row — see :func:`patch_embed_triton` for
+    why a one-hot matmul rather than a sorted segment sum.
     """
     return _global_to_local_fwd(global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id,
                                 bool(cross_patch))

@@ -5,12 +5,11 @@ import sys
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
 from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, check_same_device,
                         check_same_dtype, check_shape, num_patches)
+from ._triton_compat import tl, triton
 from .backends import interpreting, resolve_backend
 
 IMPLS = {"reference": reference.patch_embed}
@@ -88,13 +87,15 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _pinned() -> bool:
-    """One fixed config under pytest or the interpreter (multi-config autotune fails there)."""
-    return interpreting() or "pytest" in sys.modules
-
-
-def _configs(full, pinned):
-    return [pinned] if _pinned() else full
+def _configs(full: list, interpreter: "triton.Config", pinned_gpu: list) -> list:
+    """Autotune configs: one small config in the interpreter (multi-config autotune fails there,
+    and each executed tl op costs the same whatever the tile), the pinned GPU config(s) under
+    pytest (reproducible tests, no tuning time), else the full list."""
+    if interpreting():
+        return [interpreter]
+    if "pytest" in sys.modules:
+        return pinned_gpu
+    return full
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -124,7 +125,7 @@ FWD_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_D": d}, num_warps=w)
 
 
 @triton.autotune(
-    configs=_configs(FWD_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=4)),
+    configs=_configs(FWD_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=4), FWD_CONFIGS[:1]),
     key=["D", "HAS_POS", "HAS_PAD_PATCH"],
 )
 @triton.jit
@@ -222,7 +223,7 @@ def _sum_leading(x: torch.Tensor, r_out: int, dtype: torch.dtype) -> torch.Tenso
     """(S, R, D) contiguous -> (r_out, D) in ``dtype``: the sum over S, zero rows past R."""
     S, R, D = x.shape
     out = _alloc((r_out, D), dtype, x.device)
-    BLOCK_R, BLOCK_D = (16, 32) if _pinned() else (8, 256)
+    BLOCK_R, BLOCK_D = (16, 32) if interpreting() else (8, 256)
     grid = (triton.cdiv(r_out, BLOCK_R), triton.cdiv(D, BLOCK_D))
     _sum_leading_kernel[grid](x, out, S, R, r_out, D, R * D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
     return out
@@ -243,7 +244,7 @@ def _onehot_grad(codes: torch.Tensor, g: torch.Tensor, ve: int, ones_row: int = 
     its own fp32 partial, and the partials are summed in a fixed order.
     """
     N, D = g.shape
-    if _pinned():
+    if interpreting():
         BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = 16, 16, 32, 4, 1
         target = 2  # two splits: exercise the partial reduction with few interpreted ops
     else:
@@ -361,7 +362,21 @@ def patch_embed_triton(
     """Triton patch embedding, same signature and math as :func:`reference.patch_embed`.
 
     Inputs are validated by the public :func:`patch_embed`. ids (B, T) any integer dtype, read
-    in place through its strides; tables made contiguous. Returns (B, K, P*D_G).
+    in place through its strides; tables made contiguous. Returns (B, K, P*D_G) in
+    token_table's dtype, written in one pass (no (B, T, D_G) intermediate).
+
+    Backward (deterministic, bitwise equal across runs, no atomics):
+
+    * d token_table (V, D_G) and d pad_patch (P, D_G): one **one-hot matmul** on tensor cores,
+      ``onehot(codes)^T (V+P, B*K*P) @ dOut (B*K*P, D_G)``, where ``codes`` is each output
+      row's shifted global id (``V + p`` for the rows of the pad patch). Chosen over a sorted
+      segment sum because V is tiny (256-512): the one-hot tile is built in registers from the
+      ids (no sort, no permuted gather of dOut), 0/1 products are exact in fp16/bf16 with fp32
+      accumulation, and the work per program does not depend on the byte histogram (a
+      segment sum would hand the huge pad and space segments to single programs). The rows
+      are split over programs at fixed boundaries; the fp32 partials are summed in order.
+    * d pos_table (T_MAX, D_G): ``sum_b dOut[b, t]`` looping over the batch in order; rows
+      past K*P are zero.
     """
     return _patch_embed_fwd(ids, token_table, pos_table, pad_patch, patch_size, pad_id)
 

@@ -131,6 +131,20 @@ def test_opcheck():
                           (grad, x.detach(), ids, w.detach(), 11, 3, 2, True, True, True))
 
 
+@needs_triton_path
+def test_torch_compile_fullgraph():
+    """The custom ops are opaque to torch.compile: one graph, same values and gradients."""
+    ids, x, w, b, table, lp = make_inputs(2, 7, 3, 24, 16, 11, bias=True, local_pad=True, dtype=torch.float32)
+    fn = lambda *t: _run(t[0], ids, *t[1:], 3, 2, False, "triton")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    params = (x, w, b, table, lp)
+    out, ref = compiled(*params), fn(*params)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    for g, rg in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+        assert torch.equal(g, rg)
+
+
 # ---------------------------------------------------------------------------- tier 3: AOT
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 

@@ -118,6 +118,20 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.megabyte.patch_embed_bwd.default, (grad, ids, 11, pos_t.shape[0], 3, 2, True, True))
 
 
+@needs_triton_path
+def test_torch_compile_fullgraph():
+    """The custom ops are opaque to torch.compile: one graph, same values and gradients."""
+    ids, table, pos_t, pad_t = make_inputs(2, 7, 3, 24, 11, pos=True, pad_patch=True, dtype=torch.float32)
+    fn = lambda t, p, q: _run(ids, t, p, q, 3, 2, "triton")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(table, pos_t, pad_t), fn(table, pos_t, pad_t)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    for g, rg in zip(torch.autograd.grad(out, (table, pos_t, pad_t), grad),
+                     torch.autograd.grad(ref, (table, pos_t, pad_t), grad)):
+        assert torch.equal(g, rg)
+
+
 # ---------------------------------------------------------------------------- tier 3: AOT
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
