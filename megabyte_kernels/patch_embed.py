@@ -260,7 +260,8 @@ def _onehot_grad(codes: torch.Tensor, g: torch.Tensor, ve: int, ones_row: int = 
     _onehot_grad_kernel[grid](
         codes, g, partial, N, D, ve, rows_per_split, ones_row,
         BLOCK_V=BLOCK_V, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        UPCAST=_upcast(g.dtype), PRECISION=_dot_precision(g.dtype), num_warps=warps, num_stages=stages,
+        # always IEEE: the reference's embedding backward sums in full fp32, TF32 would round dOut
+        UPCAST=_upcast(g.dtype), PRECISION="ieee", num_warps=warps, num_stages=stages,
     )
     if splits == 1:
         return partial[0]
