@@ -112,6 +112,20 @@ def test_parity(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, ato
 
 
 @needs_triton_path
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.uint8])
+def test_narrow_id_dtypes(ids_dtype):
+    """ids are read through their own dtype and strides (no int64 copy needed)."""
+    ids, x, w, b, table, lp = make_inputs(2, 11, 4, 24, 16, 19, bias=True, local_pad=True, dtype=torch.float32)
+    params = (x, w, b, table, lp)
+    out = _run(x, ids.to(ids_dtype), w, b, table, lp, 4, 3, True, "triton")
+    ref = _run(x, ids, w, b, table, lp, 4, 3, True, "reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(torch.autograd.grad(out, params, torch.ones_like(out)),
+                     torch.autograd.grad(ref, params, torch.ones_like(ref))):
+        torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-5)
+
+
+@needs_triton_path
 def test_ids_out_of_range_raise_before_kernels(monkeypatch):
     ids, x, w, b, table, _ = make_inputs(2, 9, 4, 24, 24, 19, bias=True, local_pad=False, dtype=torch.float32)
     monkeypatch.setitem(g2l_mod.IMPLS, "triton", lambda *a, **k: pytest.fail("kernel reached"))
@@ -210,3 +224,20 @@ def test_aot_compiles(aot_results):
 @pytest.mark.parametrize("cross, local_pad", [(False, False), (True, True)])
 def test_gpu_large(cross, local_pad, dtype, atol, rtol):
     _check(4, 4093, 8, 1024, 512, True, local_pad, cross, False, dtype, atol, rtol, V=512, pad_id=0)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """B*K*P*D_G > 2^31 input elements: the int64 offsets reach the last rows correctly."""
+    P, D_G, D_L, V = 8, 1024, 256, 512
+    T = (1 << 31) // D_G + 5 * P + 3
+    K = -(-T // P)
+    ids = torch.randint(0, V, (1, T), device="cuda")
+    x = torch.randn(1, K, P * D_G, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(D_L, D_G, device="cuda", dtype=torch.bfloat16) * D_G ** -0.5
+    table = torch.randn(V, D_L, device="cuda", dtype=torch.bfloat16)
+    out = global_to_local(x, ids, w, None, table, patch_size=P, pad_id=0, backend="triton")
+    last = slice(K - 3, K)  # the last three patches, recomputed by the reference alone
+    ids_tail = ids[:, (K - 3) * P:]
+    ref = global_to_local(x[:, last], ids_tail, w, None, table, patch_size=P, pad_id=0, backend="reference")
+    torch.testing.assert_close(out[last].float(), ref.float(), atol=6e-2, rtol=2e-2)

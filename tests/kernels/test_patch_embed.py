@@ -100,6 +100,20 @@ def test_parity(B, T, P, D, pos, pad_patch, noncontig, dtype, atol, rtol):
 
 
 @needs_triton_path
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.uint8])
+def test_narrow_id_dtypes(ids_dtype):
+    """ids are read through their own dtype and strides (no int64 copy needed)."""
+    ids, table, pos_t, pad_t = make_inputs(2, 11, 4, 24, 19, pos=True, pad_patch=True, dtype=torch.float32)
+    narrow = ids.to(ids_dtype)
+    out = _run(narrow, table, pos_t, pad_t, 4, 3, "triton")
+    torch.testing.assert_close(out, _run(ids, table, pos_t, pad_t, 4, 3, "reference"), atol=1e-6, rtol=1e-6)
+    grads = torch.autograd.grad(out, (table, pos_t, pad_t), torch.ones_like(out))
+    ref = _run(ids, table, pos_t, pad_t, 4, 3, "reference")
+    for g, rg in zip(grads, torch.autograd.grad(ref, (table, pos_t, pad_t), torch.ones_like(ref))):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-6)
+
+
+@needs_triton_path
 def test_ids_out_of_range_raise_before_kernels(monkeypatch):
     ids, table, pos_t, _ = make_inputs(2, 9, 4, 24, 19, pos=True, pad_patch=False, dtype=torch.float32)
     monkeypatch.setitem(pe_mod.IMPLS, "triton", lambda *a, **k: pytest.fail("kernel reached"))
@@ -206,3 +220,18 @@ def test_gpu_large(P, pad_patch, dtype, atol, rtol):
         assert torch.equal(g, g2)
         # the table rows sum up to B*T fp32 terms: scale the tolerance by the row magnitudes
         torch.testing.assert_close(g.double(), rg, atol=atol * max(1.0, rg.abs().max().item()) / 4, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """B*K*P*D_G > 2^31 output elements: the int64 offsets reach the last rows correctly."""
+    P, D, V = 8, 1024, 512
+    T = (1 << 31) // D + 5 * P + 3  # 2^31 elements and then some, T not a multiple of P
+    ids = torch.randint(0, V, (1, T), device="cuda")
+    table = torch.randn(V, D, device="cuda", dtype=torch.bfloat16)
+    out = patch_embed(ids, table, None, patch_size=P, pad_id=0, backend="triton")
+    flat = out.view(-1, D)
+    K = -(-T // P)
+    rows = torch.arange(K * P - 3 * P, K * P, device="cuda")  # the last three patches
+    g_ids = torch.where(rows - P < T, ids[0, (rows - P).clamp(max=T - 1)], 0)
+    assert torch.equal(flat[rows], table[g_ids])
