@@ -171,8 +171,9 @@ def _signature(kernel, ptrs: dict, constexprs: dict) -> dict:
 
 
 def _aot_cases():
-    """Per arch and dtype: the GEMM with the fused epilogue (forward) and without (dX) at its
-    largest config, and the dW kernel; every other autotune config for bf16 on sm_90."""
+    """Per arch and dtype: the GEMM with the fused epilogue (forward) at its largest config and
+    the dW kernel; on sm_90 also the GEMM without epilogue (dX), every other autotune config
+    for bf16, and the TF32 variant of fp32."""
     cases = []
     for arch in (80, 90):
         for dt in (torch.float16, torch.bfloat16, torch.float32):
@@ -183,17 +184,24 @@ def _aot_cases():
                 largest = cfg is configs[-1]
                 if not largest and not (arch == 90 and dt == torch.bfloat16):
                     continue
-                for epilogue in (True, False) if largest else (True,):
+                # dX (no epilogue) runs on the GPU that matters, sm_90
+                variants = [(True, "ieee")]
+                if largest and arch == 90:
+                    variants += [(False, "ieee")] + ([(True, "tf32")] if dt == torch.float32 else [])
+                for epilogue, prec in variants:
                     ce = {"EPILOGUE": epilogue, "HAS_BIAS": True, "CROSS_PATCH": False, "HAS_LOCAL_PAD": True,
-                          "UPCAST": False, "PRECISION": "ieee", **cfg.kwargs}
+                          "UPCAST": False, "PRECISION": prec, **cfg.kwargs}
                     cases.append({"kernel": "megabyte_kernels.global_to_local:_g2l_matmul_kernel",
                                   "signature": _signature(g2l_mod._g2l_matmul_kernel, ptrs, ce), "constexprs": ce,
                                   "arch": arch, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             bi, bj, bm, warps, stages = g2l_mod.atb_config(dt)
-            ce = {"UPCAST": False, "PRECISION": "ieee", "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_M": bm}
-            cases.append({"kernel": "megabyte_kernels.global_to_local:_atb_kernel",
-                          "signature": _signature(g2l_mod._atb_kernel, {"A": p, "Bmat": p, "Partial": "*fp32"}, ce),
-                          "constexprs": ce, "arch": arch, "num_warps": warps, "num_stages": stages})
+            # fp32 GEMMs run TF32 when torch.backends.cuda.matmul.allow_tf32 is set: that variant too
+            for prec in ("ieee", "tf32") if dt == torch.float32 and arch == 90 else ("ieee",):
+                ce = {"UPCAST": False, "PRECISION": prec, "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_M": bm}
+                cases.append({"kernel": "megabyte_kernels.global_to_local:_atb_kernel",
+                              "signature": _signature(g2l_mod._atb_kernel, {"A": p, "Bmat": p, "Partial": "*fp32"},
+                                                      ce),
+                              "constexprs": ce, "arch": arch, "num_warps": warps, "num_stages": stages})
     return cases
 
 
