@@ -35,5 +35,18 @@ test-fast: $(STAMP)
 aot: $(STAMP)
 	$(PY) -m pytest tests -q -m aot -s
 
+# the benchmark suite (benchmarks/README.md): on a GPU the full sizes, on CPU --quick
+bench: $(STAMP)
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(PY) -m benchmarks.run; \
+	else \
+		$(PY) -m benchmarks.run --quick; \
+	fi
+
+# the GPU tier on a machine with a GPU, under 8 minutes: tests + GPU benchmarks + result file.
+# Uses the python3 that is already there (no venv, no pip, no network); the checkout goes on PYTHONPATH.
+gpu-check:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m benchmarks.gpu_check
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
