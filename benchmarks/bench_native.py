@@ -1,0 +1,211 @@
+"""Native C++ CPU ops vs the PyTorch reference ops, on CPU (pytest-benchmark). Results are CPU.
+
+    .venv/bin/python -m pytest benchmarks/bench_native.py --benchmark-enable -q -s
+    # on a shared, oversubscribed machine: one thread, CPU time instead of wall time
+    BENCH_THREADS=1 BENCH_TIMER=cpu .venv/bin/python -m pytest benchmarks/bench_native.py --benchmark-enable \
+        --benchmark-timer=time.process_time -q -s
+
+Config: the ``megabyte train`` demo — B=16, T=256, P=4, D_G=64, D_L=128, V=512, learned
+positions (T_MAX=256), bias, fp32; the model has 4 global layers / 4 heads and 2 local layers /
+4 heads. What is timed:
+
+* ``op``: each fused op, forward + backward (the training path), reference vs native;
+* ``step``: the whole training step (forward, loss, backward, AdamW) of the model with
+  ``backend="reference"`` vs ``backend="auto"`` (= native for the two fused ops on CPU, the
+  reference attention either way);
+* ``gen``: the generation path, no grad, batch 1: one patch embedding per patch (ids of two
+  patches -> (1, 2, P*D_G)) and one projection per byte (global_to_local of one patch).
+
+At the end the ratios reference / native are printed (> 1: native is faster), twice: from
+pytest-benchmark's medians (each backend timed in its own block of rounds), and *paired*: the two
+backends called alternately, the ratio the median of the per-pair ratios, which is what to read
+on a shared machine whose load drifts between blocks. ``BENCH_THREADS`` sets torch's thread count
+(default: torch's); ``BENCH_TIMER=cpu`` times the paired runs with ``time.process_time`` (pass
+``--benchmark-timer=time.process_time`` for the blocks): on an oversubscribed machine, where a
+multi-millisecond call is likely to be preempted, 1 thread and CPU time give the steady numbers
+(wall time then measures the other tenants). Also
+printed: the three GEMMs of global_to_local fwd+bwd alone (the floor both backends share).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import pytest
+import torch
+
+from megabyte_kernels import native, reference
+
+B, T, P, D_G, D_L, V, PAD = 16, 256, 4, 64, 128, 512, 257
+RESULTS: dict[tuple[str, str], float] = {}
+RUNS: dict[tuple[str, str], object] = {}
+PAIRS = {"step": 5, "default": 30}
+
+
+def _timer():
+    return time.process_time if os.environ.get("BENCH_TIMER") == "cpu" else time.perf_counter
+
+
+def _paired(f_ref, f_nat, n):
+    """Alternate the two; (median ref, median native, median of per-pair ratios ref/native)."""
+    clock = _timer()
+    f_ref(), f_nat()
+    tr, tn, rs = [], [], []
+    for _ in range(n):
+        t0 = clock()
+        f_ref()
+        t1 = clock()
+        f_nat()
+        t2 = clock()
+        tr.append(t1 - t0), tn.append(t2 - t1), rs.append((t1 - t0) / (t2 - t1))
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return med(tr), med(tn), med(rs)
+
+
+def _gemm_floor():
+    g = torch.randn(B * T, D_L)  # (B*K*P, D_L)
+    x, w = torch.randn(B * T, D_G), torch.randn(D_L, D_G)
+    def run():
+        torch.mm(x, w.t()), torch.mm(g, w), torch.mm(g.t(), x)
+    return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    if os.environ.get("BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    native.load()
+    yield
+    lines = [f"\nnative vs reference, CPU ({platform.machine()}, {torch.get_num_threads()} threads, "
+             f"{os.cpu_count()} cores, torch {torch.__version__}, paired timer "
+             f"{'process_time' if os.environ.get('BENCH_TIMER') == 'cpu' else 'perf_counter'}); "
+             "ratio = reference / native"]
+    for what in dict.fromkeys(k[0] for k in RESULTS):
+        ref, nat = RESULTS.get((what, "reference")), RESULTS.get((what, "native"))
+        if ref and nat:
+            lines.append(f"  [blocks] {what:<36} reference {ref * 1e3:9.3f} ms  native {nat * 1e3:9.3f} ms  "
+                         f"ratio {ref / nat:5.2f}x")
+    for what in dict.fromkeys(k[0] for k in RUNS):
+        if (what, "reference") in RUNS and (what, "native") in RUNS:
+            n = PAIRS["step"] if what.startswith("step") else PAIRS["default"]
+            ref, nat, ratio = _paired(RUNS[(what, "reference")], RUNS[(what, "native")], n)
+            lines.append(f"  [paired] {what:<36} reference {ref * 1e3:9.3f} ms  native {nat * 1e3:9.3f} ms  "
+                         f"ratio {ratio:5.2f}x")
+    if RUNS:
+        floor = _gemm_floor()
+        ts, clock = [], _timer()
+        for _ in range(20):
+            t0 = clock()
+            floor()
+            ts.append(clock() - t0)
+        lines.append(f"  (the 3 GEMMs of global_to_local fwd+bwd alone: {sorted(ts)[10] * 1e3:.3f} ms, in both backends)")
+    sys.__stdout__.write("\n".join(lines) + "\n")
+
+
+def _record(benchmark, what, backend, run):
+    RUNS[(what, backend)] = run
+    if benchmark.stats is not None:  # None with --benchmark-disable
+        RESULTS[(what, backend)] = benchmark.stats.stats.median
+
+
+IMPL = {"reference": (reference.patch_embed, reference.global_to_local),
+        "native": (native.patch_embed_native, native.global_to_local_native)}
+BACKENDS = ["reference", "native"]
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (B, T), generator=g)
+    leaf = lambda *s: (0.02 * torch.randn(*s, generator=g)).requires_grad_()  # noqa: E731
+    return dict(ids=ids, emb=leaf(V, D_G), pos=leaf(T, D_G), x=leaf(B, T // P, P * D_G), w=leaf(D_L, D_G),
+                b=leaf(D_L), ltab=leaf(V, D_L))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_embed_train(benchmark, backend):
+    d, f = _data(), IMPL[backend][0]
+    grad = torch.randn(B, T // P, P * D_G)
+
+    def run():
+        out = f(d["ids"], d["emb"], d["pos"], patch_size=P, pad_id=PAD)
+        return torch.autograd.grad(out, (d["emb"], d["pos"]), grad)
+
+    benchmark.group = "patch_embed fwd+bwd"
+    benchmark(run)
+    _record(benchmark, "op: patch_embed fwd+bwd", backend, run)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_to_local_train(benchmark, backend):
+    d, f = _data(), IMPL[backend][1]
+    grad = torch.randn(B * T // P, P, D_L)
+
+    def run():
+        out = f(d["x"], d["ids"], d["w"], d["b"], d["ltab"], patch_size=P, pad_id=PAD)
+        return torch.autograd.grad(out, (d["x"], d["w"], d["b"], d["ltab"]), grad)
+
+    benchmark.group = "global_to_local fwd+bwd"
+    benchmark(run)
+    _record(benchmark, "op: global_to_local fwd+bwd", backend, run)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_ops_forward(benchmark, backend):
+    d = _data()
+    pe, g2l = IMPL[backend]
+
+    @torch.no_grad()
+    def run():
+        pe(d["ids"], d["emb"], d["pos"], patch_size=P, pad_id=PAD)
+        return g2l(d["x"], d["ids"], d["w"], d["b"], d["ltab"], patch_size=P, pad_id=PAD)
+
+    benchmark.group = "both fused ops, forward"
+    benchmark(run)
+    _record(benchmark, "op: both forward only", backend, run)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_step(benchmark, backend):
+    from megabyte import Megabyte, MegabyteConfig
+
+    torch.manual_seed(0)
+    cfg = MegabyteConfig(V=V, P=P, D_G=D_G, D_L=D_L, T_MAX=T, g_nheads=4, g_nlayers=4, l_nheads=4, l_nlayers=2,
+                         pad_id=PAD, eos_id=258)
+    model = Megabyte(cfg, backend="reference" if backend == "reference" else "auto")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        loss = model(ids, return_loss=True).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step()  # warm-up (AdamW state)
+    benchmark.group = "training step"
+    benchmark.pedantic(step, rounds=8, iterations=1, warmup_rounds=1)
+    _record(benchmark, "step: whole training step", backend, step)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_path(benchmark, backend):
+    """Per generated patch one patch embedding, per generated byte one projection (batch 1)."""
+    d = _data()
+    pe, g2l = IMPL[backend]
+    ids2 = d["ids"][:1, : 2 * P]  # the new patch and the one it embeds
+    y = d["x"][:1, :1].detach()  # the global output of one patch
+    ids1 = d["ids"][:1, :P]
+
+    @torch.no_grad()
+    def run():  # one patch of P bytes: 1 patch embedding + P projections
+        out = pe(ids2, d["emb"], d["pos"], patch_size=P, pad_id=PAD)
+        for _ in range(P):
+            out = g2l(y, ids1, d["w"], d["b"], d["ltab"], patch_size=P, pad_id=PAD)
+        return out
+
+    benchmark.group = "generation path (per patch)"
+    benchmark(run)
+    _record(benchmark, "gen: 1 patch_embed + P projections", backend, run)
