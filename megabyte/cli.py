@@ -34,8 +34,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the cores this process may use)")
+                   help="torch CPU threads (default: the cores this process may use, less those busy with other work)")
     g.add_argument("--eval-batch-size", type=int, default=32, help="windows per evaluation batch")
+    g.add_argument("--backend", default=None, choices=("auto", "reference", "triton", "native"),
+                   help="megabyte_kernels backend (default: the config's, normally auto)")
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
@@ -70,7 +72,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     r = p.add_argument_group("output")
     r.add_argument("--out", default="runs/demo", help="checkpoint folder (config.json, model.safetensors, "
                                                       "train_log.jsonl, loss.png)")
-    r.add_argument("--eval-every", type=int, default=400, help="held-out evaluation every N steps (0: only at the end)")
+    r.add_argument("--eval-every", type=int, default=DEMO["eval_every"], help="held-out evaluation every N steps (0: only at the end)")
     r.add_argument("--log-every", type=int, default=50,
                    help="log to train_log.jsonl, and print the progress line when not a TTY, every N steps")
     r.add_argument("--sample-bytes", type=int, default=300, help="bytes to sample at the end (0: none)")

@@ -96,6 +96,16 @@ def test_training_lowers_the_loss(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_time_budget_stops_training_early(tmp_path, capsys):
+    data = _write_corpus(tmp_path / "c", n_files=4)
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "o"), *TINY_MODEL, "--time-budget", "1e-6"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert "time budget" in cap.err and "stopping at step 1 of 20" in cap.err
+    final = json.loads((tmp_path / "o" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert final["steps"] == 1 and math.isfinite(final["heldout_bpb"])
+
+
 def test_python_m_megabyte_help():
     r = subprocess.run([sys.executable, "-m", "megabyte", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
