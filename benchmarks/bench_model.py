@@ -324,6 +324,8 @@ def _sync(device):
 
 
 def _free(device):
+    """Release the last row's memory (compiled graphs included) before the next row's peak is measured."""
+    torch._dynamo.reset()
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,41 +32,55 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
 def _run(cmd: list[str], env: dict, timeout: float, log_path: str) -> tuple[int | None, str]:
     """Run ``cmd`` (output to the terminal and ``log_path``); (returncode or None on timeout, tail)."""
     print(f"\n$ {' '.join(cmd)}   (time limit {timeout:.0f} s)", flush=True)
-    with open(log_path, "w") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
+    with open(log_path, "wb") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # own process group: a time limit ends the command and its workers (inductor, pytest)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        fd = proc.stdout.fileno()
         t0 = time.perf_counter()
-        rc = None
+        timed_out = False
         try:
             import selectors
 
             sel = selectors.DefaultSelector()
-            sel.register(proc.stdout, selectors.EVENT_READ)
+            sel.register(fd, selectors.EVENT_READ)
             while True:
                 left = timeout - (time.perf_counter() - t0)
                 if left <= 0:
-                    proc.kill()
-                    log.write(f"\n*** killed after {timeout:.0f} s (time limit)\n")
-                    print(f"*** killed after {timeout:.0f} s (time limit)", flush=True)
+                    timed_out = True
+                    _kill_group(proc)
+                    msg = f"\n*** killed after {timeout:.0f} s (time limit)\n"
+                    log.write(msg.encode())
+                    print(msg, flush=True)
                     break
                 if sel.select(timeout=min(left, 5.0)):
-                    line = proc.stdout.readline()
-                    if not line:
+                    chunk = os.read(fd, 65536)  # whatever is there: never waits for a newline
+                    if not chunk:
                         break
-                    sys.stdout.write(line)
+                    sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
-                    log.write(line)
+                    log.write(chunk)
+                elif proc.poll() is not None:  # exited; a leftover worker may still hold the pipe
+                    break
             rc = proc.wait(timeout=30)
-            if left <= 0:
-                rc = None
         finally:
             if proc.poll() is None:
-                proc.kill()
-    with open(log_path) as f:
+                _kill_group(proc)
+    if timed_out:
+        rc = None
+    with open(log_path, errors="replace") as f:
         tail = f.read()[-3000:]
     return rc, tail
 
