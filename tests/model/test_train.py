@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 TINY_MODEL = ["--steps", "20", "--seq-len", "32", "--batch-size", "4", "--d-global", "16", "--d-local", "32",
               "--g-layers", "1", "--l-layers", "1", "--g-heads", "2", "--l-heads", "2", "--warmup", "5",
-              "--eval-every", "10", "--log-every", "5", "--sample-bytes", "40", "--threads", "1"]
+              "--eval-every", "10", "--log-every", "5", "--sample-bytes", "40", "--threads", "1",
+              "--backend", "reference"]  # the pipeline under test, not the kernels
 
 
 def _write_corpus(folder: Path, n_files: int = 12, size: int = 600) -> Path:
@@ -70,7 +71,7 @@ def test_train_then_eval(trained, capsys):
     assert math.isclose(final["heldout_bpb"], figures["MEGABYTE (this run)"], abs_tol=1e-3)
 
     # eval reads the data from the checkpoint and reproduces the training run's figure
-    rc = main(["eval", "--checkpoint", str(out), "--threads", "1"])
+    rc = main(["eval", "--checkpoint", str(out), "--threads", "1", "--backend", "reference"])
     assert rc == 0
     ev = capsys.readouterr().out
     line = next(ln for ln in ev.splitlines() if ln.strip().startswith("MEGABYTE"))
