@@ -1,4 +1,11 @@
-"""Causal attention: flash attention for the global model, packed attention for the local model."""
+"""Causal attention: flash attention for the global model, packed attention for the local model.
+
+``backend="triton"`` picks the kernel family by sequence length: N <= ``LOCAL_MAX_N`` runs the
+packed block-diagonal kernel (:mod:`megabyte_kernels.local_attention`, the local model's
+patches), longer sequences run flash attention (:mod:`megabyte_kernels.flash_attention`).
+Both families are also public here as :func:`flash_attention` and :func:`local_attention`, for
+tests and benchmarks. Triton is imported only when a Triton kernel is first used.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,7 +14,9 @@ from . import reference
 from ._validate import check_float, check_same_device, check_same_dtype
 from .backends import resolve_backend
 
-IMPLS = {"reference": reference.causal_attention}
+# Sequences up to this length use the packed local kernel; it holds whole sequences in one tile
+# (at most 128 rows), and at N = 64 one flash tile covers the sequence anyway.
+LOCAL_MAX_N = 64
 
 
 def check_causal_attention_args(q, k, v, alibi_slopes, scale) -> None:
@@ -48,3 +57,55 @@ def causal_attention(
     check_causal_attention_args(q, k, v, alibi_slopes, scale)
     impl = resolve_backend(backend, q.device, IMPLS, "causal_attention")
     return impl(q, k, v, alibi_slopes=alibi_slopes, scale=scale)
+
+
+def _check_triton_args(q, alibi_slopes, op: str) -> None:
+    resolve_backend("triton", q.device, {"triton": None}, op)
+    if q.dtype == torch.float64:
+        raise ValueError(f"{op}: the Triton kernels take float16, bfloat16 or float32, got float64 "
+                         "(use backend='reference')")
+
+
+def flash_attention(q, k, v, *, alibi_slopes=None, scale=None) -> torch.Tensor:
+    """Causal attention with the Triton flash-attention kernels (any N), same contract as
+    :func:`causal_attention`: q (B, Hq, N, d), k/v (B, Hkv, N, d), 16 <= d <= 256."""
+    check_causal_attention_args(q, k, v, alibi_slopes, scale)
+    _check_triton_args(q, alibi_slopes, "flash_attention")
+    _check_head_dim(q, "flash_attention")
+    from .flash_attention import flash_attention as impl
+
+    return impl(q, k, v, alibi_slopes, scale)
+
+
+def local_attention(q, k, v, *, alibi_slopes=None, scale=None) -> torch.Tensor:
+    """Causal attention with the packed block-diagonal Triton kernel, for short sequences
+    (N <= 128; the local model's patches), same contract as :func:`causal_attention`."""
+    check_causal_attention_args(q, k, v, alibi_slopes, scale)
+    _check_triton_args(q, alibi_slopes, "local_attention")
+    _check_head_dim(q, "local_attention")
+    from .local_attention import MAX_N, local_attention as impl
+
+    if q.shape[2] > MAX_N:
+        raise ValueError(f"local_attention packs whole sequences into one tile: N must be <= {MAX_N}, "
+                         f"got N={q.shape[2]} (use flash_attention)")
+    return impl(q, k, v, alibi_slopes, scale)
+
+
+def _check_head_dim(q, op: str) -> None:
+    d = q.shape[-1]
+    if not 1 <= d <= 256:
+        raise ValueError(f"{op}: the Triton kernels support head dims up to 256, got d={d}")
+
+
+def _triton_causal_attention(q, k, v, *, alibi_slopes=None, scale=None) -> torch.Tensor:
+    """backend="triton": the packed local kernel for N <= LOCAL_MAX_N, flash attention beyond."""
+    _check_triton_args(q, alibi_slopes, "causal_attention")
+    _check_head_dim(q, "causal_attention")
+    if q.shape[2] <= LOCAL_MAX_N:
+        from .local_attention import local_attention as impl
+    else:
+        from .flash_attention import flash_attention as impl
+    return impl(q, k, v, alibi_slopes, scale)
+
+
+IMPLS = {"reference": reference.causal_attention, "triton": _triton_causal_attention}

@@ -1,0 +1,487 @@
+"""Causal attention, global family: flash attention in Triton (forward and deterministic backward).
+
+Math (natural units, per batch b, query head h, key/value head g = h // G, G = Hq / Hkv)::
+
+    s[i, j] = scale * q[i]·k[j] - slope_h * (i - j)        (j <= i, else -inf)
+    o[i]    = sum_j softmax_j(s[i, :]) v[j]
+
+The kernels work in base 2: ``s2 = s * log2(e)``, so ``exp`` becomes ``exp2`` and the saved
+log-sum-exp is ``lse2[i] = log2(sum_j 2^{s2[i, j]})``. Backward, with ``p = 2^{s2 - lse2}`` and
+``delta[i] = rowsum(dO[i] * o[i])``::
+
+    dv[j] = sum_i p[i, j] dO[i]
+    ds    = p * (dO·v^T - delta)
+    dq[i] = scale * sum_j ds[i, j] k[j]
+    dk[j] = scale * sum_i ds[i, j] q[i]
+
+Shapes: q, o, dO, dq (B, Hq, N, d); k, v, dk, dv (B, Hkv, N, d); lse2, delta (B, Hq, N) fp32.
+
+Tiling: the forward and dQ kernels own a block of BLOCK_M query rows of one (b, h) and walk the
+key blocks left of the diagonal unmasked, then the BLOCK_M / BLOCK_N diagonal blocks with the
+causal mask; blocks right of the diagonal are never visited. The dK/dV kernel owns BLOCK_N key
+rows of one (b, g) and walks, for every query head of the group in turn, the diagonal query
+blocks (masked) and then the query blocks below them (unmasked): the GQA sum over the group's
+query heads happens in its registers, so no atomics and no partial buffers are needed and the
+result is bitwise reproducible. The head dim is padded to BLOCK_D (a power of two >= 16) with
+masked loads; row tails are masked loads filled with zeros (see the comments in the kernels for
+why the zero rows contribute nothing).
+
+Each forward/backward pair is a ``torch.library.custom_op`` (``megabyte::flash_attn_fwd`` /
+``megabyte::flash_attn_bwd``) with a fake (meta) implementation and registered autograd, so
+``torch.compile`` treats them as opaque ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .backends import interpreting
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, N, D, qk_scale, slope2,
+               MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Online-softmax sweep over key blocks [lo, hi) for one query block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:  # diagonal blocks may run past N
+            kv_mask = (offs_n[:, None] < N) & d_mask[None, :]
+        else:  # left of the diagonal every key index is < start_m <= N - 1
+            kv_mask = d_mask[None, :]
+        kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_ALIBI:
+            s -= slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        if MASKED:
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        # Every row (live or tail) sees key start_m in the first diagonal block, so m_new is
+        # finite from then on and exp2(-inf - m_new) = 0 for masked entries.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
+                      HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_M), B*Hq). Writes o (B, Hq, N, d) and lse2 (B, Hq, N)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
+    tl.static_assert(BLOCK_D >= 16, "tl.dot needs a contraction of at least 16")
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)  # b * Hq + h
+    h = bh % H
+    bkv = (bh // H) * (H // G) + h // G  # b * Hkv + g
+    q_base = bh.to(tl.int64) * N * D
+    kv_base = bkv.to(tl.int64) * N * D
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    row_mask = offs_m < N
+    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+    else:
+        slope2 = 0.0
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, 0, start_m, N, D,
+                               qk_scale, slope2, False, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, start_m,
+                               tl.minimum(start_m + BLOCK_M, N), N, D, qk_scale, slope2, True, HAS_ALIBI, UPCAST,
+                               DOT_PREC, BLOCK_N)
+    acc = acc / l_i[:, None]
+    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=row_mask)
+
+
+@triton.jit
+def _flash_bwd_preprocess_kernel(O, DO, DELTA, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_M), B*Hq). delta[i] = rowsum(dO[i] * o[i]) in fp32."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    off = bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :]
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, offs_d, d_mask, lo, hi, N, D,
+                    qk_scale, slope2, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dk, dv (BLOCK_N, BLOCK_D) over query blocks [lo, hi) of one query head.
+
+    Works on transposed scores sT (BLOCK_N, BLOCK_M) so dk and dv stay row-major in keys.
+    Query rows >= N are loaded as q = dO = lse2 = delta = 0: their pT is finite and they add
+    pT·0 to dv and (pT·(0 - 0))·0 to dk, i.e. nothing.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < N
+        off = q_base + offs_m[:, None] * D + offs_d[None, :]
+        mask = row_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + off, mask=mask, other=0.0)
+        do = tl.load(DO + off, mask=mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(LSE + row_base + offs_m, mask=row_mask, other=0.0)
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_mask, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        if HAS_ALIBI:
+            sT -= slope2 * (offs_m[None, :] - offs_n[:, None]).to(tl.float32)
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASKED:  # above the diagonal pT may be inf: where() drops it before any product
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D, H, G, N_BUCKET,
+                           HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), B*Hkv). Writes dk, dv (B, Hkv, N, d), summed over the G query heads."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "the diagonal must cover whole query blocks")
+    pid_n = tl.program_id(0)
+    bkv = tl.program_id(1)  # b * Hkv + g
+    HKV = H // G
+    b = bkv // HKV
+    g = bkv % HKV
+    kv_base = bkv.to(tl.int64) * N * D
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    kv_mask = (offs_n[:, None] < N) & d_mask[None, :]
+    kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    diag_end = tl.minimum(start_n + BLOCK_N, N)
+    # The GQA reduction: one program visits every query head of its group, in a fixed order.
+    for j in range(0, G):
+        h = g * G + j
+        bh = b * H + h
+        q_base = bh.to(tl.int64) * N * D
+        row_base = bh.to(tl.int64) * N
+        if HAS_ALIBI:
+            slope2 = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+        else:
+            slope2 = 0.0
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, offs_d, d_mask,
+                                 start_n, diag_end, N, D, qk_scale, slope2, True, HAS_ALIBI, UPCAST, DOT_PREC,
+                                 BLOCK_M)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, offs_d, d_mask,
+                                 start_n + BLOCK_N, N, N, D, qk_scale, slope2, False, HAS_ALIBI, UPCAST,
+                                 DOT_PREC, BLOCK_M)
+    dk = dk * scale
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, N, D, qk_scale, slope2,
+                  MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Accumulate dq (BLOCK_M, BLOCK_D) over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = (offs_n[:, None] < N) & d_mask[None, :]
+        else:
+            kv_mask = d_mask[None, :]
+        kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_ALIBI:
+            s -= slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G, N_BUCKET,
+                         HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_M), B*Hq). Writes dq (B, Hq, N, d)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    bkv = (bh // H) * (H // G) + h // G
+    q_base = bh.to(tl.int64) * N * D
+    kv_base = bkv.to(tl.int64) * N * D
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    row_mask = offs_m < N
+    mask = row_mask[:, None] & d_mask[None, :]
+    off = q_base + offs_m[:, None] * D + offs_d[None, :]
+    q = tl.load(Q + off, mask=mask, other=0.0)
+    do = tl.load(DO + off, mask=mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=row_mask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=row_mask, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+    else:
+        slope2 = 0.0
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask, 0, start_m, N, D, qk_scale,
+                       slope2, False, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask, start_m,
+                       tl.minimum(start_m + BLOCK_M, N), N, D, qk_scale, slope2, True, HAS_ALIBI, UPCAST, DOT_PREC,
+                       BLOCK_N)
+    dq = dq * scale
+    tl.store(DQ + off, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# configs: one pinned config in the interpreter, a small autotune list on the GPU
+# --------------------------------------------------------------------------------------------
+# Interpreter configs keep BLOCK_M != BLOCK_N so the multi-block diagonal paths are exercised.
+INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16)
+INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
+INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
+
+
+def pre_block_m(block_d: int) -> int:
+    """Rows per preprocessing program: 4096 elements of o and dO (no register spills at d = 256)."""
+    return max(16, 4096 // block_d)
+
+
+def _cfgs(rows):
+    out = []
+    for bm, bn, w, s in rows:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return out
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class; the autotuner drops configs that
+# run out of shared memory. fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0.
+GPU_FWD = {
+    "small": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+    "mid": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    "large": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+}
+GPU_DKDV = {
+    "small": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
+    "mid": [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 2)],
+    "large": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 1), (16, 32, 4, 2)],
+}
+GPU_DQ = {
+    "small": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    "mid": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    "large": [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (128, 32, 8, 1)],
+}
+# fp32 tiles take twice the shared memory and registers: smaller blocks, fewer stages.
+GPU_FP32 = {
+    "fwd": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+    "dkdv": [(16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+    "dq": [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
+}
+_KEY = ["N_BUCKET", "BLOCK_D", "HAS_ALIBI", "G"]
+_TUNED: dict = {}
+
+
+def gpu_configs(kind: str, block_d: int, dtype: torch.dtype) -> list:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) rows autotuned for a kernel kind and head dim."""
+    if dtype == torch.float32:  # at d = 256 only the smallest tiles fit sm_80's shared memory
+        return [c for c in GPU_FP32[kind] if block_d <= 128 or c[0] * c[1] <= 32 * 32]
+    return {"fwd": GPU_FWD, "dkdv": GPU_DKDV, "dq": GPU_DQ}[kind][_d_class(block_d)]
+
+
+def _tuned(kernel, kind, block_d, dtype):
+    name = (kernel.__name__, kind, _d_class(block_d), dtype == torch.float32)
+    if name not in _TUNED:
+        _TUNED[name] = triton.autotune(configs=_cfgs(gpu_configs(kind, block_d, dtype)), key=_KEY)(kernel)
+    return _TUNED[name]
+
+
+def head_dim_block(d: int) -> int:
+    """BLOCK_D: d padded to a power of two, at least 16 (tl.dot's minimum contraction)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _d_class(block_d: int) -> str:
+    return "small" if block_d <= 64 else "mid" if block_d <= 128 else "large"
+
+
+def _n_bucket(N: int) -> int:
+    return min(triton.next_power_of_2(N), 32768)
+
+
+def _common(q: torch.Tensor, alibi_slopes):
+    interp = interpreting()
+    return dict(
+        HAS_ALIBI=alibi_slopes is not None,
+        # The interpreter's bf16 arithmetic is wrong (DESIGN.md §4): upcast the tiles there.
+        UPCAST=interp and q.dtype == torch.bfloat16,
+        # fp32 inputs: exact fp32 products (tf32 would break the fp32 tolerance).
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _slopes_arg(alibi_slopes, q):
+    if alibi_slopes is None:
+        return torch.empty(1, dtype=torch.float32, device=q.device)
+    return alibi_slopes.detach().to(torch.float32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _empty_like(x):
+    """Output allocation; the tests swap in a NaN fill to prove every element is written."""
+    return torch.empty_like(x)
+
+
+def _launch_fwd(q, k, v, alibi_slopes, scale):
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+    o = _empty_like(q)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    if N == 0 or B * H == 0:
+        return o, lse
+    BLOCK_D = head_dim_block(D)
+    args = (q, k, v, o, lse, _slopes_arg(alibi_slopes, q), float(scale), N, D, H, G, _n_bucket(N))
+    meta = dict(BLOCK_D=BLOCK_D, **_common(q, alibi_slopes))
+    if interpreting():
+        _flash_fwd_kernel[(triton.cdiv(N, INTERP_FWD["BLOCK_M"]), B * H)](*args, **meta, **INTERP_FWD)
+    else:
+        kern = _tuned(_flash_fwd_kernel, "fwd", BLOCK_D, q.dtype)
+        kern[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*args, **meta)
+    return o, lse
+
+
+def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
+    B, H, N, D = q.shape
+    HKV = k.shape[1]
+    G = H // HKV
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    if N == 0 or B * H == 0:
+        return dq, dk, dv
+    BLOCK_D = head_dim_block(D)
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    pre_m = pre_block_m(BLOCK_D)
+    _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m), B * H)](o, do, delta, N, D, BLOCK_M=pre_m, BLOCK_D=BLOCK_D)
+    slopes = _slopes_arg(alibi_slopes, q)
+    meta = dict(BLOCK_D=BLOCK_D, **_common(q, alibi_slopes))
+    tail = (float(scale), N, D, H, G, _n_bucket(N))
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, slopes) + tail
+    dq_args = (q, k, v, do, lse, delta, dq, slopes) + tail
+    if interpreting():
+        _flash_bwd_dkdv_kernel[(triton.cdiv(N, INTERP_DKDV["BLOCK_N"]), B * HKV)](*dkdv_args, **meta, **INTERP_DKDV)
+        _flash_bwd_dq_kernel[(triton.cdiv(N, INTERP_DQ["BLOCK_M"]), B * H)](*dq_args, **meta, **INTERP_DQ)
+    else:
+        _tuned(_flash_bwd_dkdv_kernel, "dkdv", BLOCK_D, q.dtype)[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * HKV)](
+            *dkdv_args, **meta)
+        _tuned(_flash_bwd_dq_kernel, "dq", BLOCK_D, q.dtype)[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*dq_args, **meta)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops + autograd
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("megabyte::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (o (B, Hq, N, d) like q, lse2 (B, Hq, N) fp32, base-2 log-sum-exp)."""
+    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), alibi_slopes, scale)
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, alibi_slopes, scale):
+    B, H, N, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("megabyte::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) shaped like q, k, v."""
+    return _launch_bwd(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(),
+                       lse.contiguous(), alibi_slopes, scale)
+
+
+@flash_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, alibi_slopes, scale):
+    cf = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
+            torch.empty_like(v, memory_format=cf))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, alibi_slopes, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, alibi_slopes)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(do, q, k, v, o, lse, alibi_slopes, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q, k, v, alibi_slopes=None, scale=None):
+    """Flash attention (unvalidated; use :func:`megabyte_kernels.attention.flash_attention`)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return flash_attn_fwd(q, k, v, alibi_slopes, float(scale))[0]

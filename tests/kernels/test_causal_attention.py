@@ -1,0 +1,353 @@
+"""Parity tests for the Triton causal attention: flash (global) and packed (local) families.
+
+Tier 2 (interpreter, CPU tensors under TRITON_INTERPRET=1), tier 3 (``aot``: compiled for
+sm_80/sm_90 without a GPU) and tier 4 (``gpu``: skipped without CUDA). Tolerance is
+FlashAttention's rule (DESIGN.md §4): the kernel's max error against a float64 reference is at
+most 2x the error of the reference computed at the same precision, plus a per-dtype floor.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from megabyte_kernels import attention, reference
+from megabyte_kernels.attention import causal_attention, flash_attention, local_attention
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+FAMILIES = {"flash": flash_attention, "local": local_attention}
+
+# dtype together with its tolerance floor. bf16 runs in the interpreter through the upcast
+# constexpr (checks the indexing, not the GPU's bf16 numerics: that is the gpu tier).
+DTYPES = [
+    pytest.param(torch.float32, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-3, id="fp16"),
+]
+BF16 = pytest.param(torch.bfloat16, 1e-2, id="bf16")
+
+# (B, Hq, Hkv, N, d, contiguous)
+FLASH_SHAPES = [
+    (1, 1, 1, 1, 16, True),  # N = 1
+    (2, 2, 2, 37, 32, False),  # N not a multiple of any block, batch 2
+    (1, 4, 1, 70, 48, False),  # MQA, d = 48 padded to 64
+    (1, 4, 2, 65, 80, True),  # GQA, d = 80 padded to 128
+    (1, 4, 4, 96, 64, False),  # N a multiple of the blocks
+]
+# (B*K, Hq, Hkv, P, d, contiguous)
+LOCAL_SHAPES = [
+    (3, 1, 1, 1, 16, True),  # P = 1
+    (5, 2, 2, 8, 64, False),  # the local model's P = 8, d = 64
+    (7, 4, 1, 8, 48, False),  # MQA
+    (3, 4, 2, 6, 80, True),  # GQA, P not a power of two, d = 80
+    (2, 4, 4, 64, 32, False),  # one sequence per tile
+    (4, 4, 2, 33, 16, True),  # odd P
+]
+
+
+def _make(B, Hq, Hkv, N, d, contiguous, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(H):
+        if contiguous:
+            x = torch.randn(B, H, N, d, generator=g)
+        else:  # (B, N, H, d) storage seen as (B, H, N, d): non-contiguous
+            x = torch.randn(B, N, H, d, generator=g).transpose(1, 2)
+        return x.to(dtype).requires_grad_()
+
+    q, k, v = t(Hq), t(Hkv), t(Hkv)
+    do = torch.randn(B, Hq, N, d, generator=g).to(dtype)
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / Hq) for h in range(Hq)])
+    return q, k, v, do, slopes
+
+
+def _grads(fn, q, k, v, do, **kw):
+    for x in (q, k, v):
+        x.grad = None
+    o = fn(q, k, v, **kw)
+    o.backward(do)
+    return o.detach(), [x.grad.detach().clone() for x in (q, k, v)]
+
+
+def _assert_close(name, got, ref_low, ref64, floor):
+    err = (got.double() - ref64).abs().max().item()
+    base = (ref_low.double() - ref64).abs().max().item()
+    assert math.isfinite(err), f"{name}: non-finite output"
+    assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 * {base:.3g} + {floor}"
+
+
+def _check_parity(fn, shape, alibi, dtype, floor, monkeypatch):
+    from megabyte_kernels import flash_attention as fa_mod, local_attention as la_mod
+
+    # Outputs prefilled with NaN: every element must be written by a kernel.
+    nan_like = lambda x: torch.full_like(x, float("nan"))  # noqa: E731
+    monkeypatch.setattr(fa_mod, "_empty_like", nan_like)
+    monkeypatch.setattr(la_mod, "_empty_like", nan_like)
+    q, k, v, do, slopes = _make(*shape, dtype)
+    kw = dict(alibi_slopes=slopes if alibi else None)
+    o, g = _grads(fn, q, k, v, do, **kw)
+    o2, g2 = _grads(fn, q, k, v, do, **kw)
+    assert o.shape == q.shape and o.dtype == dtype
+    for a, b in zip([o] + g, [o2] + g2):  # forward and backward are deterministic
+        assert torch.equal(a, b)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o64, g64 = _grads(reference.causal_attention, q64, k64, v64, do.double(), **kw)
+    ol, gl = _grads(reference.causal_attention, q, k, v, do, **kw)
+    _assert_close("o", o, ol, o64, floor)
+    for name, a, lo, hi in zip(("dq", "dk", "dv"), g, gl, g64):
+        assert a.shape == hi.shape
+        _assert_close(name, a, lo, hi, floor)
+
+
+# --------------------------------------------------------------------------------------------
+# tier 2: interpreter parity
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,floor", DTYPES)
+@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
+@pytest.mark.parametrize("shape", FLASH_SHAPES, ids=lambda s: "B{}_Hq{}_Hkv{}_N{}_d{}_{}".format(
+    *s[:5], "c" if s[5] else "nc"))
+def test_flash_parity(shape, alibi, dtype, floor, monkeypatch):
+    _check_parity(flash_attention, shape, alibi, dtype, floor, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype,floor", DTYPES)
+@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
+@pytest.mark.parametrize("shape", LOCAL_SHAPES, ids=lambda s: "BK{}_Hq{}_Hkv{}_P{}_d{}_{}".format(
+    *s[:5], "c" if s[5] else "nc"))
+def test_local_parity(shape, alibi, dtype, floor, monkeypatch):
+    _check_parity(local_attention, shape, alibi, dtype, floor, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype,floor", [BF16])
+@pytest.mark.parametrize("family,shape", [("flash", (1, 4, 2, 40, 48, False)), ("local", (5, 4, 1, 8, 64, False))])
+def test_bf16_indexing(family, shape, dtype, floor, monkeypatch):
+    _check_parity(FAMILIES[family], shape, True, dtype, floor, monkeypatch)
+
+
+@pytest.mark.parametrize("N,family", [(8, "local"), (64, "local"), (65, "flash")])
+def test_backend_triton_picks_family_by_length(N, family, monkeypatch):
+    import megabyte_kernels.flash_attention as fa_mod
+    import megabyte_kernels.local_attention as la_mod
+
+    called = []
+    for mod, name in ((fa_mod, "flash"), (la_mod, "local")):
+        fn = getattr(mod, f"{name}_attention")
+        monkeypatch.setattr(mod, f"{name}_attention", lambda *a, _fn=fn, _n=name: called.append(_n) or _fn(*a))
+    assert N > attention.LOCAL_MAX_N or family == "local"
+    q, k, v, do, slopes = _make(1, 2, 1, N, 16, True, torch.float32)
+    o = causal_attention(q, k, v, alibi_slopes=slopes, scale=0.3, backend="triton")
+    assert called == [family]
+    ref = reference.causal_attention(q.double(), k.double(), v.double(), alibi_slopes=slopes, scale=0.3)
+    assert (o.double() - ref).abs().max().item() < 1e-5
+
+
+def test_triton_rejects_bad_input():
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        causal_attention(q, q, q, backend="triton")
+    q = torch.randn(1, 2, 200, 16)
+    with pytest.raises(ValueError, match="N must be <= 128"):
+        local_attention(q, q, q)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        flash_attention(*(torch.randn(1, 1, 4, 320),) * 3)
+    with pytest.raises(ValueError, match="multiple"):
+        flash_attention(torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
+def test_opcheck(alibi):
+    q, k, v, do, slopes = _make(1, 2, 1, 20, 16, True, torch.float32)
+    s = slopes if alibi else None
+    ops = torch.ops.megabyte
+    torch.library.opcheck(ops.flash_attn_fwd.default, (q, k, v, s, 0.25))
+    o, lse = ops.flash_attn_fwd(q, k, v, s, 0.25)
+    torch.library.opcheck(ops.flash_attn_bwd.default, (do, q.detach(), k.detach(), v.detach(), o.detach(),
+                                                       lse, s, 0.25))
+    ql, kl, vl, dol, sl = _make(3, 2, 1, 8, 16, True, torch.float32)
+    sl = sl if alibi else None
+    torch.library.opcheck(ops.local_attn_fwd.default, (ql, kl, vl, sl, 0.25))
+    torch.library.opcheck(ops.local_attn_bwd.default, (dol, ql.detach(), kl.detach(), vl.detach(), sl, 0.25))
+
+
+def test_torch_compile():
+    q, k, v, do, slopes = _make(1, 2, 1, 70, 16, True, torch.float32)
+
+    def f(q, k, v):
+        return causal_attention(q, k, v, alibi_slopes=slopes, backend="triton") + local_attention(
+            q[:, :, :8], k[:, :, :8], v[:, :, :8]).sum()
+
+    ref_o, ref_g = _grads(f, q, k, v, do)
+    got_o, got_g = _grads(torch.compile(f, fullgraph=True), q, k, v, do)
+    for a, b in zip([ref_o] + ref_g, [got_o] + got_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# tier 3: ahead-of-time compilation for sm_80 / sm_90
+# --------------------------------------------------------------------------------------------
+SMEM_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(kernel, dtype):
+    import inspect
+
+    fn = kernel  # a JITFunction, or an InterpretedFunction under TRITON_INTERPRET: unwrap to Python
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    params = inspect.signature(fn).parameters.values()
+    sig = {}
+    for p in params:
+        if "constexpr" in str(p.annotation):
+            sig[p.name] = "constexpr"
+        elif p.name in ("LSE", "DELTA", "Slopes"):
+            sig[p.name] = "*fp32"
+        elif p.name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            sig[p.name] = "*" + _TL[dtype]
+        elif p.name == "scale":
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    return sig
+
+
+# The default matrix compiles every kernel x head-dim class for sm_90 in bf16 and sm_80 in fp16,
+# plus the fp32 forwards at d = 64 on sm_90 (fp32 tiles go through ptxas's FMA path at 5-80 s a
+# kernel). MEGABYTE_AOT_FULL=1 compiles both archs in fp16 and bf16 (about 4 minutes on 2 cores).
+AOT_FULL = os.environ.get("MEGABYTE_AOT_FULL", "0") not in ("", "0")
+AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _aot_wanted(arch, dtype):
+    if dtype == torch.float32:
+        return arch == 90
+    return AOT_FULL or (arch, dtype) in ((90, torch.bfloat16), (80, torch.float16))
+
+
+def _aot_cases():
+    """Every kernel x head-dim class x 16-bit dtype x arch, at the first GPU config of its class."""
+    from megabyte_kernels import flash_attention as fa, local_attention as la
+
+    cases = []
+    for arch in (80, 90):
+        for dtype in AOT_DTYPES:
+            prec = "ieee" if dtype == torch.float32 else "tf32"
+            fp32 = dtype == torch.float32
+            if not _aot_wanted(arch, dtype):
+                continue
+            for block_d in ((64,) if fp32 else (64, 128, 256)):
+                kinds = (("_flash_fwd_kernel", "fwd"), ("_flash_bwd_dkdv_kernel", "dkdv"),
+                         ("_flash_bwd_dq_kernel", "dq"))
+                for kname, kind in kinds[:1] if fp32 else kinds:
+                    bm, bn, w, s = fa.gpu_configs(kind, block_d, dtype)[0]  # the first config of its list
+                    cases.append(dict(
+                        name=f"{kname} sm_{arch} {_TL[dtype]} BLOCK_D={block_d} {bm}x{bn} w{w} s{s}",
+                        kernel=f"megabyte_kernels.flash_attention:{kname}",
+                        signature=_signature(getattr(fa, kname), dtype),
+                        constexprs=dict(HAS_ALIBI=True, UPCAST=False, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
+                                        BLOCK_D=block_d),
+                        arch=arch, num_warps=w, num_stages=s))
+                cases.append(dict(
+                    name=f"_flash_bwd_preprocess_kernel sm_{arch} {_TL[dtype]} BLOCK_D={block_d}",
+                    kernel="megabyte_kernels.flash_attention:_flash_bwd_preprocess_kernel",
+                    signature=_signature(fa._flash_bwd_preprocess_kernel, dtype),
+                    constexprs=dict(BLOCK_M=fa.pre_block_m(block_d), BLOCK_D=block_d), arch=arch, num_warps=4, num_stages=2))
+            # local: the local model (P = 8, MQA G = 8 and G = 1) and P = 64 at d = 128
+            elt = torch.tensor([], dtype=dtype).element_size()
+            for block_d, P, G in ((64, 8, 1),) if fp32 else ((64, 8, 1), (64, 8, 8), (128, 64, 1)):
+                t = la.tiling(P, G, 128 if block_d * elt <= 128 else 64)  # la.tile_rows_target on a GPU
+                for kname in ("_local_fwd_kernel",) if fp32 else ("_local_fwd_kernel", "_local_bwd_kernel"):
+                    w = la.num_warps_for(t["BLOCK_Q"], t["BLOCK_KV"], block_d, elt)
+                    cases.append(dict(
+                        name=f"{kname} sm_{arch} {_TL[dtype]} BLOCK_D={block_d} P={P} G={G} "
+                             f"{t['BLOCK_Q']}x{t['BLOCK_KV']} w{w}",
+                        kernel=f"megabyte_kernels.local_attention:{kname}",
+                        signature=_signature(getattr(la, kname), dtype),
+                        constexprs=dict(HAS_ALIBI=True, UPCAST=False, DOT_PREC=prec, BLOCK_Q=t["BLOCK_Q"],
+                                        BLOCK_KV=t["BLOCK_KV"], BLOCK_D=block_d),
+                        arch=arch, num_warps=w, num_stages=2))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    from tests.aot import compile_cases
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = _aot_cases()
+    plain = [{k: v for k, v in c.items() if k != "name"} for c in cases]
+    # two subprocesses (the CI machine has two cores), interleaved so both get fp32 cases
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(pool.map(compile_cases, [plain[0::2], plain[1::2]]))
+    results = [None] * len(cases)
+    results[0::2], results[1::2] = halves
+    return list(zip(cases, results))
+
+
+@pytest.mark.aot
+def test_aot_compiles(aot_results):
+    failures = []
+    print()
+    for case, res in aot_results:
+        print(f"  {case['name']:<80} shared={res['shared']} B regs={res['regs']}")
+        if not res["ok"]:
+            failures.append(f"{case['name']}: {res['error'][-500:]}")
+        elif res["shared"] > SMEM_LIMIT[case["arch"]]:
+            failures.append(f"{case['name']}: {res['shared']} B of shared memory > {SMEM_LIMIT[case['arch']]}")
+    assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------------------------
+# tier 4: GPU
+# --------------------------------------------------------------------------------------------
+GPU_DTYPES = [
+    pytest.param(torch.bfloat16, 1e-2, id="bf16"),
+    pytest.param(torch.float16, 1e-3, id="fp16"),
+    pytest.param(torch.float32, 1e-5, id="fp32"),
+]
+
+
+def _check_gpu(fn, shape, alibi, dtype, floor):
+    B, Hq, Hkv, N, d = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda H: torch.randn(B, H, N, d, device="cuda", generator=g).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = mk(Hq), mk(Hkv), mk(Hkv)
+    do = torch.randn(B, Hq, N, d, device="cuda", generator=g).to(dtype)
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / Hq) for h in range(Hq)], device="cuda") if alibi else None
+    o, grads = _grads(fn, q, k, v, do, alibi_slopes=slopes)
+    _, grads2 = _grads(fn, q, k, v, do, alibi_slopes=slopes)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o64, g64 = _grads(reference.causal_attention, q64, k64, v64, do.double(), alibi_slopes=slopes)
+    ol, gl = _grads(reference.causal_attention, q, k, v, do, alibi_slopes=slopes)
+    _assert_close("o", o, ol, o64, floor)
+    for name, a, lo, hi in zip(("dq", "dk", "dv"), grads, gl, g64):
+        _assert_close(name, a, lo, hi, floor)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,floor", GPU_DTYPES)
+@pytest.mark.parametrize("shape,alibi", [
+    ((2, 4, 4, 1000, 64), False), ((1, 8, 1, 4097, 128), True), ((1, 4, 2, 2048, 80), False),
+    ((1, 2, 2, 777, 256), True), ((1, 1, 1, 32768, 128), False),
+])
+def test_flash_gpu(shape, alibi, dtype, floor):
+    if shape[3] > 8192 and dtype != torch.bfloat16:
+        pytest.skip("N = 32K runs in bf16 only (the float64 reference needs N^2 memory)")
+    _check_gpu(flash_attention, shape, alibi, dtype, floor)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,floor", GPU_DTYPES)
+@pytest.mark.parametrize("shape,alibi", [
+    ((4096, 8, 1, 8, 64), False), ((1000, 8, 8, 8, 64), True), ((333, 4, 2, 33, 48), True), ((64, 4, 4, 64, 128), False),
+])
+def test_local_gpu(shape, alibi, dtype, floor):
+    _check_gpu(local_attention, shape, alibi, dtype, floor)
