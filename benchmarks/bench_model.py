@@ -469,7 +469,7 @@ def run(device: str = "cuda", quick: bool = False, *, smoke: bool = False, origi
     table = CONFIGS[scale]
     configs = configs or list(table)
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype or ("bf16" if is_cuda else "fp32")]
-    budget_s = budget_s if budget_s is not None else (0.3 if smoke else (1.0 if quick else 2.0))
+    budget_s = budget_s if budget_s is not None else (0.3 if smoke else (4.0 if not is_cuda else 2.0))
     if smoke and compile_configs is None:
         compile_configs = []  # compilation alone takes a minute on a small CPU
     pk = peak_flops(device, tdt)

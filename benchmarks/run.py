@@ -334,7 +334,7 @@ def update_readme(md_text: str, label: str, md_name: str) -> None:
     body = md_text.split("\n", 1)[1]  # drop the title line
     body = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", r"![\1](results/\2)", body)
     body = body.replace("\n## ", "\n#### ").replace("\n### ", "\n##### ")
-    new = f"{start}\n_From [`results/{md_name}`](results/{md_name})._\n{body.strip()}\n{end}"
+    new = f"{start}\n_From [`results/{md_name}`](results/{md_name})._\n\n{body.strip()}\n{end}"
     text = text[: text.index(start)] + new + text[text.index(end) + len(end):]
     with open(path + ".tmp", "w") as f:
         f.write(text)

@@ -254,25 +254,28 @@ def test_triton_parity_under_autocast_bf16_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_torch_compile_fullgraph_triton_gpu(dtype):
-    """The Triton ops are opaque custom ops: fullgraph=True means no graph break at them."""
+@pytest.mark.parametrize("dtype,floor", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
+def test_torch_compile_fullgraph_triton_gpu(dtype, floor):
+    """The Triton ops are opaque custom ops: fullgraph=True means no graph break at them. The
+    compiled model is held to the same rule as a backend: against float64, at most twice the
+    error of the eager model at the same precision plus the floor."""
     torch._dynamo.reset()
     ids = _ids(1024, device="cuda")
-    eager = _make(GPU_SHAPE, "triton", dtype, "cuda")
+    exact = _run(_make(GPU_SHAPE, "reference", torch.float64, "cuda"), ids)
+    eager = _run(_make(GPU_SHAPE, "triton", dtype, "cuda"), ids)
     compiled_model = _make(GPU_SHAPE, "triton", dtype, "cuda")
     compiled = torch.compile(compiled_model, fullgraph=True)
-    want = _run(eager, ids)
     for _ in range(2):  # the second call reuses the compiled graph
         compiled_model.zero_grad(set_to_none=True)
         out = compiled(ids, return_loss=True)
         out.loss.backward()
-    tol = dict(atol=1e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(out.lm_logits.double(), want[0], **tol)
-    torch.testing.assert_close(out.loss.double(), want[1], **tol)
-    g = torch.cat([p.grad.double().flatten() for p in compiled_model.parameters()])
-    gw = torch.cat([want[2][n].flatten() for n, _ in compiled_model.named_parameters()])
-    assert torch.nn.functional.cosine_similarity(g, gw, dim=0) > 0.999
+    got = (out.lm_logits.detach().double(), out.loss.detach().double(),
+           {n: p.grad.double() for n, p in compiled_model.named_parameters() if p.grad is not None})
+    _assert_parity("logits", got[0], eager[0], exact[0], floor)
+    _assert_parity("loss", got[1], eager[1], exact[1], floor)
+    assert set(got[2]) == set(exact[2])
+    for n in exact[2]:
+        _assert_parity(f"grad of {n}", got[2][n], eager[2][n], exact[2][n], floor)
 
 
 @pytest.mark.gpu
