@@ -45,6 +45,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ids (B, T) of any integer dtype -> contiguous int64, every value checked in [0, V) before any
 // table row is read (c10::ValueError -> Python ValueError).
 Tensor checked_ids(const Tensor& ids, int64_t V, const char* table) {
+  TORCH_CHECK_VALUE(ids.device().is_cpu(), "megabyte_native: ids must be a CPU tensor, got ", ids.device());
   TORCH_CHECK_VALUE(ids.dim() == 2, "ids must have shape (B, T), got ", ids.sizes());
   TORCH_CHECK_VALUE(!at::isFloatingType(ids.scalar_type()) && !at::isComplexType(ids.scalar_type()),
                     "ids must be an integer tensor, got ", ids.scalar_type());
