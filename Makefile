@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml setup.py
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
+	@# build the native CPU ops (csrc/) once now, so no later command pays the compile; without a
+	@# compiler this only warns and backend="auto" uses the reference ops on CPU
+	@$(PY) -c "from megabyte_kernels import native; print('native CPU ops:', 'built' if native.available() else 'not built, the reference ops serve CPU')"
 	@touch $@
 
 demo: $(STAMP)
