@@ -108,4 +108,8 @@ def _triton_causal_attention(q, k, v, *, alibi_slopes=None, scale=None) -> torch
     return impl(q, k, v, alibi_slopes, scale)
 
 
-IMPLS = {"reference": reference.causal_attention, "triton": _triton_causal_attention}
+# backend="native" (the csrc/ CPU ops) has no attention kernel of its own: on CPU the reference
+# already runs ATen's fused CPU attention (scaled_dot_product_attention), so a native model
+# uses it for attention and the csrc/ ops for the byte-level ops.
+IMPLS = {"reference": reference.causal_attention, "triton": _triton_causal_attention,
+         "native": reference.causal_attention}

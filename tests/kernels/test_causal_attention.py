@@ -161,6 +161,10 @@ def test_triton_rejects_bad_input():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
 def test_opcheck(alibi):
+    # the custom ops register when their modules are imported (causal_attention imports them lazily)
+    import megabyte_kernels.flash_attention  # noqa: F401
+    import megabyte_kernels.local_attention  # noqa: F401
+
     q, k, v, do, slopes = _make(1, 2, 1, 20, 16, True, torch.float32)
     s = slopes if alibi else None
     ops = torch.ops.megabyte
