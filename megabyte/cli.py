@@ -69,12 +69,33 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     o.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop training after this many seconds (evaluation excluded), annealing the lr to "
                         "fit; default %d on CPU, none on GPU; 0: none" % DEMO["time_budget_cpu"])
+    o.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="gradient accumulation: N micro-batches of --batch-size per optimizer step")
+    o.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="bf16: autocast the forward to bfloat16; auto: bf16 on a CUDA GPU that has it, else fp32")
+    l = p.add_argument_group("long context and scale")
+    l.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+                   help="compute the head + cross entropy N positions at a time, never the full (B, T, V) "
+                        "logits (0: off; for long --seq-len)")
+    l.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing: recompute each transformer block in backward")
+    l.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP")
     r = p.add_argument_group("output")
     r.add_argument("--out", default="runs/demo", help="checkpoint folder (config.json, model.safetensors, "
                                                       "train_log.jsonl, loss.png)")
     r.add_argument("--eval-every", type=int, default=DEMO["eval_every"], help="held-out evaluation every N steps (0: only at the end)")
     r.add_argument("--log-every", type=int, default=50,
                    help="log to train_log.jsonl, and print the progress line when not a TTY, every N steps")
+    r.add_argument("--save-every", type=int, default=1000, metavar="N",
+                   help="write the checkpoint and the resumable train_state.pt every N steps (0: only at the end); "
+                        "SIGTERM / SIGINT also save before stopping")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from --out's train_state.pt (its previous one if the newest is damaged); "
+                        "starts from step 0 when there is none yet")
+    r.add_argument("--resume-from", default=None, metavar="FILE", help="continue from this train_state file")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to OUT/tensorboard (needs the tensorboard package)")
     r.add_argument("--sample-bytes", type=int, default=300, help="bytes to sample at the end (0: none)")
     r.add_argument("--prompt", default="def ", help="sampling prompt")
     r.add_argument("--temperature", type=float, default=0.8)
@@ -116,13 +137,44 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
 
 
 def _check_train_args(p, a) -> None:
-    for name in ("steps", "batch_size", "seq_len", "max_bytes", "eval_bytes", "log_every"):
+    """Every argument checked before anything runs: a clear usage error, never a deep traceback."""
+    for name in ("steps", "batch_size", "seq_len", "max_bytes", "eval_bytes", "log_every", "grad_accum",
+                 "eval_batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.eval_every < 0:
-        p.error("--eval-every must be >= 0")
-    if a.warmup < 0 or a.lr <= 0:
+    for name in ("eval_every", "save_every", "loss_chunk", "sample_bytes"):
+        if getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if a.warmup < 0 or not a.lr > 0:
         p.error("--warmup must be >= 0 and --lr > 0")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if not 0.0 < a.heldout_frac < 1.0:
+        p.error(f"--heldout-frac must lie in (0, 1), got {a.heldout_frac}")
+    if not 0.0 <= a.min_lr_ratio <= 1.0:
+        p.error(f"--min-lr-ratio must lie in [0, 1], got {a.min_lr_ratio}")
+    if not a.grad_clip > 0 or not a.weight_decay >= 0:
+        p.error("--grad-clip must be > 0 and --weight-decay >= 0")
+    if a.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if a.time_budget is not None and a.time_budget < 0:
+        p.error(f"--time-budget must be >= 0, got {a.time_budget}")
+    if a.device is not None:
+        import torch
+        try:
+            dev = torch.device(a.device)
+        except (RuntimeError, ValueError) as e:
+            p.error(f"--device {a.device!r}: {e}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {a.device}: CUDA is not available on this machine")
+    # the model these arguments build (P=0, D_G not divisible by the heads, T_MAX < P, ...)
+    from .config import MegabyteConfig
+    try:
+        MegabyteConfig(V=512, P=a.patch_size, D_G=a.d_global, D_L=a.d_local, T_MAX=a.seq_len,
+                       g_nheads=a.g_heads, g_nlayers=a.g_layers, l_nheads=a.l_heads, l_nlayers=a.l_layers)
+    except ValueError as e:
+        p.error(f"invalid model: {e} (from --patch-size, --d-global, --d-local, --seq-len, --g-/--l-heads, "
+                "--g-/--l-layers)")
 
 
 def _cmd_train(a) -> int:
@@ -165,6 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     except (_data.CorpusError, FileNotFoundError) as e:
         print(f"megabyte {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # errors of ours that carry a message for the user, not a traceback
+        from .checkpoint import CheckpointError
+        from .train import TrainingError, TrainingInterrupted, UsageError
+        if isinstance(e, TrainingInterrupted):
+            print(f"\nmegabyte {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
+        if isinstance(e, (CheckpointError, UsageError)):
+            print(f"megabyte {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, TrainingError):
+            print(f"megabyte {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print(f"\nmegabyte {args.command}: interrupted", file=sys.stderr)
         return 130

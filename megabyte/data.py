@@ -189,20 +189,40 @@ class BatchSampler:
 
     Each call returns ``(batch_size, seq_len)`` int64 ids drawn uniformly from all window starts
     of the training bytes with a private ``torch.Generator``, so a run is reproducible whatever
-    else uses the global RNG.
+    else uses the global RNG. The generator's state (:meth:`state_dict`) is the data position a
+    resumed run continues from.
+
+    Data parallel: with ``world`` ranks every rank draws the same global batch of
+    ``world * batch_size`` starts and keeps rows ``[rank * batch_size, (rank + 1) * batch_size)``,
+    so the ranks' batches never overlap and together are exactly the batch one process with
+    ``world * batch_size`` would draw.
     """
 
-    def __init__(self, data: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0):
+    def __init__(self, data: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must lie in [0, world={world}), got {rank}")
         if len(data) < seq_len:
             raise CorpusError(f"{len(data)} training bytes are fewer than one sequence of {seq_len}")
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
+        self.rank, self.world = rank, world
         self.gen = torch.Generator().manual_seed(seed)
         self._offsets = torch.arange(seq_len)
 
     def __call__(self) -> torch.Tensor:
         n_starts = len(self.data) - self.seq_len + 1
-        starts = torch.randint(0, n_starts, (self.batch_size, 1), generator=self.gen)
+        starts = torch.randint(0, n_starts, (self.batch_size * self.world, 1), generator=self.gen)
+        if self.world > 1:
+            starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         return self.data[starts + self._offsets].long()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
 
 
 def eval_windows(data: torch.Tensor, seq_len: int, batch_size: int):

@@ -12,16 +12,20 @@ without context), the same bytes the baselines are computed on.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from . import baselines
+from . import checkpoint as ckpt
 from .data import BatchSampler, Corpus, eval_windows, load_corpus
 
 LN2 = math.log(2.0)
@@ -62,14 +66,20 @@ def n_params(model) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int, device) -> float:
-    """Held-out bits per byte: every byte of ``data`` scored once (see the module docstring)."""
+def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int, device, *, autocast=None,
+             loss_chunk: int | None = None) -> float:
+    """Held-out bits per byte: every byte of ``data`` scored once (see the module docstring).
+
+    ``autocast``: a context manager to run the forward in (bf16 training); ``loss_chunk``: score
+    through the chunked head (no (B, T, V) logits; long sequences)."""
     was_training = model.training
     model.eval()
     total_nats, total_bytes = 0.0, 0
+    kw = {"loss_chunk": loss_chunk} if loss_chunk else {}
     for ids in eval_windows(data, seq_len, batch_size):
         ids = ids.to(device)
-        out = model(ids, return_loss=True)
+        with (autocast if autocast is not None else contextlib.nullcontext()):
+            out = model(ids, return_loss=True, **kw)
         total_nats += float(out.loss) * ids.numel()  # all targets are real bytes (no pad)
         total_bytes += ids.numel()
     model.train(was_training)
@@ -226,41 +236,257 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the last checkpoint written is left as it was."""
+
+
+class UsageError(ValueError):
+    """Arguments that only turn out unusable at run time (no CUDA, no tensorboard, a mismatched resume)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM / SIGINT arrived: the state was saved at ``step``; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int, step: int, out_dir):
+        self.signum, self.step, self.exit_code = signum, step, 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: training state saved at step {step} in {out_dir}; "
+                         f"continue with the same command plus --resume")
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT set a flag the training loop reads after each step (then it saves and
+    stops); a second SIGINT stops at once. Installed only in the main thread."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+class _Dist:
+    """Rank and world of a ``torchrun`` launch (WORLD_SIZE > 1), else a single process."""
+
+    def __init__(self, device_arg: str | None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if not self.enabled:
+            self.device = _device(device_arg)
+            return
+        import torch.distributed as dist
+
+        if device_arg:
+            self.device = torch.device(device_arg)
+        else:
+            self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, x: float) -> float:
+        """The mean of ``x`` over the ranks (every rank gets it)."""
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _wrap_parallel(model, dist_: _Dist, fsdp: bool):
+    """DDP, or FSDP2 (``fully_shard`` per transformer block, then the root) with ``fsdp``."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for tr in (model.g_transformer, model.l_transformer):
+            for block in tr.layers:
+                fully_shard(block)
+        fully_shard(model)
+        return model
+    if not dist_.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
+
+
+def _full_state(model, opt, fsdp: bool) -> tuple[dict, dict]:
+    """Model and optimizer state dicts as plain full tensors (gathered on every rank under FSDP2)."""
+    if not fsdp:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
+
+
+def _load_full_state(model, opt, model_sd: dict, opt_sd: dict, fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(model_sd)
+        opt.load_state_dict(opt_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=o)
+    set_optimizer_state_dict(model, opt, opt_sd, options=o)
+
+
+def _config_diff(a: dict, b: dict) -> list[str]:
+    skip = ("extra", "backend")
+    return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in skip and a.get(k) != b.get(k)]
+
+
+def _read_log(path: Path, upto_step: int) -> list[dict]:
+    """The records of an earlier run's log up to ``upto_step`` (a torn last line is dropped)."""
+    recs = []
+    if not path.is_file():
+        return recs
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("kind") == "final" or (r.get("kind") in ("train", "eval") and r.get("step", 0) > upto_step):
+            continue
+        recs.append(r)
+    return recs
+
+
 def run_train(args) -> dict:
-    """Everything ``megabyte train`` does; returns the final figures."""
+    """Everything ``megabyte train`` does; returns the final figures.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank runs all of it on its own shard of each batch
+    (DDP, or FSDP2 with ``--fsdp``); only rank 0 prints and writes files.
+    """
     t_start = time.perf_counter()
     _setup_threads(args.threads)
-    device = _device(args.device)
+    dist_ = _Dist(args.device)
+    device = dist_.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    fsdp = bool(getattr(args, "fsdp", False))
+    if fsdp and not dist_.enabled:
+        raise UsageError("--fsdp shards the model over the ranks of a torchrun launch "
+                         "(torchrun --nproc-per-node N -m megabyte train --fsdp ...)")
+    say = print if dist_.main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    accum = getattr(args, "grad_accum", 1) or 1
+    save_every = getattr(args, "save_every", 0) or 0
+    loss_chunk = getattr(args, "loss_chunk", 0) or None
+    precision = getattr(args, "precision", "auto") or "auto"
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    out_dir = Path(args.out)
+
+    tb = None
+    if getattr(args, "tensorboard", False) and dist_.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise UsageError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
+        tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    # the state to resume from, read before anything is written to --out
+    state, state_path = None, None
+    resume_from = getattr(args, "resume_from", None)
+    if resume_from:
+        state, state_path = ckpt.load_state(resume_from), Path(resume_from)
+    elif getattr(args, "resume", False):
+        if (out_dir / ckpt.STATE).exists() or (out_dir / ckpt.PREV).exists():
+            state, state_path = ckpt.load_latest(out_dir, warn=lambda m: say(m, file=sys.stderr))
+        else:
+            say(f"resume: no training state in {out_dir} yet: starting from step 0")
 
     corpus: Corpus = load_corpus(args.data, max_bytes=args.max_bytes, eval_bytes=args.eval_bytes,
                                  heldout_frac=args.heldout_frac, min_len=args.seq_len)
-    print(f"data: {corpus.describe()}")
+    say(f"data: {corpus.describe()}")
     if corpus.skipped:
-        print(f"data: skipped {len(corpus.skipped)} unreadable file(s)")
+        say(f"data: skipped {len(corpus.skipped)} unreadable file(s)")
 
     base = baselines.all_baselines(corpus.train, corpus.heldout)
-    print(f"baselines on the {len(corpus.heldout):,} held-out bytes: order-0 {base['order0_bpb']:.3f} bpb "
-          f"(cross entropy under the training bytes' frequencies, add-one smoothed), "
-          f"gzip -9 {base['gzip_bpb']:.3f}, lzma -9e {base['lzma_bpb']:.3f}")
+    say(f"baselines on the {len(corpus.heldout):,} held-out bytes: order-0 {base['order0_bpb']:.3f} bpb "
+        f"(cross entropy under the training bytes' frequencies, add-one smoothed), "
+        f"gzip -9 {base['gzip_bpb']:.3f}, lzma -9e {base['lzma_bpb']:.3f}")
 
     data_spec = {
         "data": None if args.data is None else str(Path(args.data).resolve()),
         "max_bytes": args.max_bytes, "eval_bytes": args.eval_bytes, "heldout_frac": args.heldout_frac,
         "seq_len": args.seq_len,
     }
-    model = build_model(args, extra={"train": data_spec}).to(device)
-    model.train()
-    print(f"model: {n_params(model) / 1e6:.2f}M parameters, P={args.patch_size} D_G={args.d_global} "
-          f"D_L={args.d_local} global {args.g_layers}x{args.g_heads}h local {args.l_layers}x{args.l_heads}h, "
-          f"T={args.seq_len}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}, "
-          f"device {device}, backend {getattr(model, 'backend', model.config.backend)}, "
-          f"{torch.get_num_threads()} threads")
+    raw = build_model(args, extra={"train": data_spec}).to(device)
+    if getattr(args, "checkpointing", False):
+        raw.set_checkpointing(True, True)
+    raw.train()
+    if state is not None:
+        diff = _config_diff(state.get("config", {}), raw.config.to_dict())
+        if diff:
+            raise ckpt.CheckpointError(f"--resume: {state_path} holds another model than these arguments build "
+                                       f"({'; '.join(diff)})")
+    say(f"model: {n_params(raw) / 1e6:.2f}M parameters, P={args.patch_size} D_G={args.d_global} "
+        f"D_L={args.d_local} global {args.g_layers}x{args.g_heads}h local {args.l_layers}x{args.l_heads}h, "
+        f"T={args.seq_len}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}, "
+        f"device {device}, backend {getattr(raw, 'backend', raw.config.backend)}, "
+        f"{torch.get_num_threads()} threads"
+        + (f", {dist_.world} ranks ({'FSDP2' if fsdp else 'DDP'})" if dist_.enabled else "")
+        + (f", grad accumulation {accum}" if accum > 1 else "") + (", bf16 autocast" if precision == "bf16" else ""))
+
+    if state is not None and fsdp:  # FSDP2 loads full state dicts into the sharded model below
+        pass
+    elif state is not None:
+        raw.load_state_dict(state["model"])
+    model = _wrap_parallel(raw, dist_, fsdp)
+    core = model if fsdp else raw  # what forward/eval/sampling run on (FSDP2 must run the sharded one)
 
     # AdamW; weight decay on the weights of Linear layers only (not on biases, norms, tables).
-    linear_w = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    linear_w = {id(m.weight) for m in core.modules() if isinstance(m, torch.nn.Linear)}
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in core.parameters():
         if p.requires_grad:
             (decay if id(p) in linear_w else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -283,86 +509,160 @@ def run_train(args) -> dict:
         lo = args.lr * args.min_lr_ratio
         return lo + 0.5 * (args.lr - lo) * (1 + math.cos(math.pi * min(1.0, t)))
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sampler = BatchSampler(corpus.train, args.seq_len, args.batch_size, seed=args.seed,
+                           rank=dist_.rank, world=dist_.world)
+    start_step, train_s_before, ema = 0, 0.0, None
+    if state is not None:
+        if fsdp:
+            _load_full_state(model, opt, state["model"], state["optimizer"], True)
+        else:
+            opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        start_step, train_s_before, ema = int(state["step"]), float(state["train_s"]), state.get("ema")
+        say(f"resume: {state_path} at step {start_step}")
+
     log_path = out_dir / "train_log.jsonl"
     records: list[dict] = []
-    log_f = open(log_path, "w")
+    log_f = None
+    if dist_.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        old = _read_log(log_path, start_step) if state is not None else []
+        log_f = open(log_path, "w")
+        for r in old:
+            records.append(r)
+            log_f.write(json.dumps(r) + "\n")
+        log_f.flush()
 
     def log(rec: dict) -> None:
+        if log_f is None:
+            return
         records.append(rec)
         log_f.write(json.dumps(rec) + "\n")
         log_f.flush()
+        if tb is not None and "step" in rec:
+            for k, v in rec.items():
+                if k not in ("kind", "step") and isinstance(v, (int, float)):
+                    tb.add_scalar(f"{rec['kind']}/{k}", v, rec["step"])
 
-    log({"kind": "run", "argv": getattr(args, "argv", None), "args": {k: v for k, v in vars(args).items()
-                                                                       if k not in ("func", "argv")},
-         "data": corpus.describe(), "baselines": base, "n_params": n_params(model),
-         "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()})
+    log({"kind": "run" if state is None else "resume", "step": start_step, "argv": getattr(args, "argv", None),
+         "args": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
+         "data": corpus.describe(), "baselines": base, "n_params": n_params(raw),
+         "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+         "world": dist_.world, "precision": precision})
 
-    sampler = BatchSampler(corpus.train, args.seq_len, args.batch_size, seed=args.seed)
-    bytes_per_step = args.batch_size * args.seq_len
-    progress = Progress(args.steps, args.log_every)
+    def save(step: int, train_s: float) -> None:
+        """model.safetensors for eval/generate + the resumable state; rank 0 writes, all ranks gather."""
+        model_sd, opt_sd = _full_state(model if fsdp else raw, opt, fsdp)
+        if dist_.main:
+            if fsdp:
+                raw_cpu = build_model(args, extra={"train": data_spec})
+                raw_cpu.load_state_dict(model_sd)
+                raw_cpu.save_pretrained(str(out_dir))
+            else:
+                raw.save_pretrained(str(out_dir))
+            ckpt.save_state({
+                "step": step, "train_s": train_s, "ema": ema, "model": model_sd, "optimizer": opt_sd,
+                "sampler": sampler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "config": raw.config.to_dict(), "world": dist_.world,
+                "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            }, out_dir)
+        dist_.barrier()
+
+    bytes_per_step = args.batch_size * args.seq_len * accum * dist_.world
+    progress = Progress(args.steps, args.log_every, stream=sys.stderr if dist_.main else open(os.devnull, "w"))
     t_train = time.perf_counter()
     eval_time = 0.0
-    ema = None
     interval_sum, interval_n = 0.0, 0
     last_eval = None
-    steps_done = 0
-    for step in range(args.steps):
-        lr = lr_at(step, time.perf_counter() - t_train - eval_time)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        ids = sampler().to(device)
-        loss = model(ids, return_loss=True).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
-        opt.step()
+    steps_done = start_step
+    fwd_kw = {"loss_chunk": loss_chunk} if loss_chunk else {}
 
-        lv = loss.item()
-        if not math.isfinite(lv):
-            progress.close()
-            raise RuntimeError(f"loss became {lv} at step {step + 1}; try a lower --lr")
-        ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-        interval_sum += lv
-        interval_n += 1
-        done = step + 1
-        steps_done = done
-        elapsed = time.perf_counter() - t_train - eval_time
-        rate = done * bytes_per_step / max(elapsed, 1e-9)
-        eta = min((args.steps - done) * bytes_per_step / max(rate, 1e-9), max(0.0, budget - elapsed))
-        out_of_time = elapsed >= budget and done < args.steps
-        if done % args.log_every == 0 or done == args.steps or done == 1 or out_of_time:
-            mean = interval_sum / interval_n  # mean training loss since the last record
-            log({"kind": "train", "step": done, "loss": mean, "bpb": mean / LN2, "lr": lr, "grad_norm": gnorm,
-                 "bytes_per_s": rate, "elapsed_s": time.perf_counter() - t_start})
-            interval_sum, interval_n = 0.0, 0
-        extra = f" | held-out {last_eval:.3f}" if last_eval is not None else ""
-        progress.update(done, ema, rate, eta, extra)
-        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
-            t0 = time.perf_counter()
-            last_eval = evaluate(model, corpus.heldout, args.seq_len, args.eval_batch_size, device)
-            eval_time += time.perf_counter() - t0
-            log({"kind": "eval", "step": done, "heldout_bpb": last_eval})
-        if out_of_time:
-            progress.message(f"time budget of {args.time_budget:g} s reached: stopping at step {done} of "
-                             f"{args.steps} (the cosine schedule followed the time; --time-budget 0 turns it off)")
-            break
-    progress.close()
-    train_time = time.perf_counter() - t_train - eval_time
-    seen = steps_done * bytes_per_step
-    train_rate = seen / max(train_time, 1e-9)
+    def train_seconds() -> float:
+        return train_s_before + time.perf_counter() - t_train - eval_time
 
-    heldout_bpb = evaluate(model, corpus.heldout, args.seq_len, args.eval_batch_size, device)
-    log({"kind": "eval", "step": steps_done, "heldout_bpb": heldout_bpb})
+    with _StopSignals() as stop:
+        for step in range(start_step, args.steps):
+            lr = lr_at(step, train_seconds())
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss_sum = None
+            for micro in range(accum):
+                ids = sampler().to(device)
+                sync = contextlib.nullcontext()
+                if dist_.enabled and not fsdp and micro < accum - 1:
+                    sync = model.no_sync()  # DDP: all-reduce the gradients once, on the last micro-batch
+                with sync:
+                    with autocast:
+                        loss = model(ids, return_loss=True, **fwd_kw).loss
+                    (loss / accum if accum > 1 else loss).backward()
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            lv = dist_.mean(float(loss_sum) / accum)
+            if not math.isfinite(lv):
+                progress.close()
+                raise TrainingError(f"loss became {lv} at step {step + 1}; try a lower --lr (the parameters were not "
+                                    f"updated; the last checkpoint in {out_dir}, if any, is intact)")
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+            opt.step()
 
-    model.save_pretrained(str(out_dir))
-    plot_loss(records, base, out_dir / "loss.png")
+            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+            interval_sum += lv
+            interval_n += 1
+            done = step + 1
+            steps_done = done
+            elapsed = time.perf_counter() - t_train - eval_time
+            rate = (done - start_step) * bytes_per_step / max(elapsed, 1e-9)
+            eta = min((args.steps - done) * bytes_per_step / max(rate, 1e-9),
+                      max(0.0, budget - train_seconds()))
+            out_of_time = train_seconds() >= budget and done < args.steps
+            if dist_.enabled:
+                out_of_time = dist_.any(out_of_time)
+            if done % args.log_every == 0 or done == args.steps or done == start_step + 1 or out_of_time:
+                mean = interval_sum / interval_n  # mean training loss since the last record
+                log({"kind": "train", "step": done, "loss": mean, "bpb": mean / LN2, "lr": lr, "grad_norm": gnorm,
+                     "bytes_per_s": rate, "elapsed_s": time.perf_counter() - t_start})
+                interval_sum, interval_n = 0.0, 0
+            extra = f" | held-out {last_eval:.3f}" if last_eval is not None else ""
+            progress.update(done, ema, rate, eta, extra)
+            if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+                t0 = time.perf_counter()
+                last_eval = evaluate(core, corpus.heldout, args.seq_len, args.eval_batch_size, device,
+                                     autocast=autocast, loss_chunk=loss_chunk)
+                eval_time += time.perf_counter() - t0
+                log({"kind": "eval", "step": done, "heldout_bpb": last_eval})
+            stopping = dist_.any(stop.signum is not None) if dist_.enabled else stop.signum is not None
+            if stopping or (save_every and done % save_every == 0 and done != args.steps):
+                save(done, train_seconds())
+            if stopping:
+                progress.close()
+                log({"kind": "interrupted", "step": done, "signal": stop.signum})
+                if log_f is not None:
+                    log_f.close()
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, done, out_dir)
+            if out_of_time:
+                progress.message(f"time budget of {args.time_budget:g} s reached: stopping at step {done} of "
+                                 f"{args.steps} (the cosine schedule followed the time; --time-budget 0 turns it off)")
+                break
+        progress.close()
+        train_time = train_seconds()
+        seen = steps_done * bytes_per_step
+        train_rate = (steps_done - start_step) * bytes_per_step / max(train_time - train_s_before, 1e-9)
+
+        heldout_bpb = evaluate(core, corpus.heldout, args.seq_len, args.eval_batch_size, device,
+                               autocast=autocast, loss_chunk=loss_chunk)
+        log({"kind": "eval", "step": steps_done, "heldout_bpb": heldout_bpb})
+        save(steps_done, train_time)
+    if dist_.main:
+        plot_loss(records, base, out_dir / "loss.png")
 
     text = b""
-    if args.sample_bytes > 0:
+    if args.sample_bytes > 0 and dist_.main and not fsdp:
         prompt = args.prompt.encode("utf-8")
-        text = sample(model, prompt, args.sample_bytes, args.temperature, context=args.seq_len,
+        text = sample(raw, prompt, args.sample_bytes, args.temperature, context=args.seq_len,
                       seed=args.seed, device=device)
         print(f"\n--- sample ({args.sample_bytes} bytes, temperature {args.temperature}, "
               f"prompt {args.prompt!r}) ---")
@@ -374,19 +674,23 @@ def run_train(args) -> dict:
              "train_bytes_per_s": train_rate, "heldout_bytes": len(corpus.heldout), "steps": steps_done,
              "train_bytes_seen": seen, "sample": text.decode("utf-8", "replace")}
     log(final)
-    log_f.close()
+    if log_f is not None:
+        log_f.close()
+    if tb is not None:
+        tb.close()
 
     n_ho = len(corpus.heldout)
-    print(f"held-out bits per byte (log2) on the same {n_ho:,} bytes:")
-    _print_table([
-        ("MEGABYTE (this run)", f"{heldout_bpb:.3f} bpb"),
-        ("order-0, train byte freqs", f"{base['order0_bpb']:.3f} bpb  (cross entropy on held-out, add-one smoothed)"),
-        ("gzip -9", f"{base['gzip_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
-        ("lzma -9e", f"{base['lzma_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
-        ("wall time", f"{wall:.1f} s  (training {train_time:.1f} s)"),
-        ("training throughput", f"{_fmt_rate(train_rate)} bytes/s  ({steps_done} steps, {seen:,} bytes seen)"),
-        ("checkpoint", f"{out_dir}  (+ train_log.jsonl, loss.png)"),
-    ])
+    say(f"held-out bits per byte (log2) on the same {n_ho:,} bytes:")
+    if dist_.main:
+        _print_table([
+            ("MEGABYTE (this run)", f"{heldout_bpb:.3f} bpb"),
+            ("order-0, train byte freqs", f"{base['order0_bpb']:.3f} bpb  (cross entropy on held-out, add-one smoothed)"),
+            ("gzip -9", f"{base['gzip_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
+            ("lzma -9e", f"{base['lzma_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
+            ("wall time", f"{wall:.1f} s  (training {train_time:.1f} s)"),
+            ("training throughput", f"{_fmt_rate(train_rate)} bytes/s  ({steps_done} steps, {seen:,} bytes seen)"),
+            ("checkpoint", f"{out_dir}  (+ train_log.jsonl, loss.png, train_state.pt)"),
+        ])
     return final
 
 
@@ -396,10 +700,13 @@ def run_eval(args) -> dict:
     _setup_threads(args.threads)
     device = _device(args.device)
     _, Megabyte = _model_classes()
-    ckpt = Path(args.checkpoint)
-    if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"--checkpoint {str(ckpt)!r}: no config.json there (not a checkpoint folder)")
-    model = Megabyte.from_pretrained(str(ckpt), backend=args.backend).to(device)
+    ckpt_dir = Path(args.checkpoint)
+    if not (ckpt_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {str(ckpt_dir)!r}: no config.json there (not a checkpoint folder)")
+    try:
+        model = Megabyte.from_pretrained(str(ckpt_dir), backend=args.backend).to(device)
+    except ValueError as e:  # truncated / corrupted weights or config: a clear message, no traceback
+        raise ckpt.CheckpointError(str(e)) from None
     spec = dict((model.config.extra or {}).get("train", {}))
 
     data = args.data if args.data is not None else spec.get("data")
@@ -419,7 +726,7 @@ def run_eval(args) -> dict:
     base = baselines.all_baselines(corpus.train, corpus.heldout)
     print(f"held-out bits per byte (log2) on the same {len(corpus.heldout):,} bytes, windows of {seq_len}{how}:")
     _print_table([
-        ("MEGABYTE", f"{bpb:.3f} bpb  ({ckpt})"),
+        ("MEGABYTE", f"{bpb:.3f} bpb  ({ckpt_dir})"),
         ("order-0, train byte freqs", f"{base['order0_bpb']:.3f} bpb  (cross entropy on held-out, add-one smoothed)"),
         ("gzip -9", f"{base['gzip_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
         ("lzma -9e", f"{base['lzma_bpb']:.3f} bpb  (held-out bytes compressed alone)"),
