@@ -106,6 +106,70 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Fused head + cross entropy, chunk by chunk; the gradients are computed in the forward.
+
+    For each chunk of rows: ``logits = x_c W^T + b`` (fp32), the loss ``lse - logits[target]``,
+    and right away ``g = (softmax(logits) - onehot(target)) * valid / n``, ``dx_c = g W``,
+    ``dW += g^T x_c``, ``db += sum g``. Only a (chunk, V) block of logits exists at a time and
+    nothing is recomputed in backward (which scales the saved gradients by the output's grad).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, ignore_index: int, chunk: int, want_grad: bool):
+        N, V = x.shape[0], weight.shape[0]
+        valid = targets != ignore_index
+        n = valid.sum().to(torch.float32)  # 0 valid targets: nan, like F.cross_entropy
+        safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            w32 = weight.float()
+            b32 = bias.float() if bias is not None else None
+            if want_grad:
+                gx = torch.empty_like(x)
+                gw = torch.zeros_like(w32)
+                gb = torch.zeros_like(b32) if b32 is not None else None
+            for s in range(0, N, chunk):
+                xc = x[s:s + chunk].float()
+                logits = xc @ w32.t()
+                if b32 is not None:
+                    logits = logits + b32
+                tc, vc = safe_t[s:s + chunk], valid[s:s + chunk]
+                lse = torch.logsumexp(logits, dim=-1)
+                tgt = logits.gather(1, tc[:, None]).squeeze(1)
+                total = total + ((lse - tgt) * vc).sum()
+                if want_grad:
+                    g = torch.exp(logits - lse[:, None])
+                    g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
+                    g = g * (vc.to(g.dtype) / n)[:, None]
+                    gx[s:s + chunk] = (g @ w32).to(x.dtype)
+                    gw += g.t() @ xc
+                    if gb is not None:
+                        gb += g.sum(0)
+        if want_grad:
+            ctx.save_for_backward(gx, gw.to(weight.dtype), gb.to(bias.dtype) if gb is not None else None)
+        ctx.has_bias = bias is not None
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gx, gw, gb = ctx.saved_tensors
+        return (gx * grad_out.to(gx.dtype), gw * grad_out.to(gw.dtype),
+                gb * grad_out.to(gb.dtype) if ctx.has_bias else None, None, None, None, None)
+
+
+def chunked_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 targets: torch.Tensor, *, ignore_index: int = -100,
+                                 chunk: int = 4096) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(x, weight, bias).float(), targets, ignore_index=...)`` without the
+    (N, V) logits: x (N, D), weight (V, D), bias (V,) or None, targets (N,) -> scalar mean loss
+    (fp32, over targets != ignore_index). Peak extra memory is one (chunk, V) fp32 block plus the
+    gradients of x, weight and bias."""
+    want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))
+    return _ChunkedLinearCrossEntropy.apply(x, weight, bias, targets, ignore_index, int(chunk), want_grad)
+
+
 class Megabyte(nn.Module):
     """MEGABYTE: a global transformer over patches of P bytes, a local one inside each patch.
 
@@ -165,7 +229,12 @@ class Megabyte(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, ids: torch.Tensor, return_loss: bool = False, return_metrics: bool = False) -> MegabyteOutput:
+    def forward(self, ids: torch.Tensor, return_loss: bool = False, return_metrics: bool = False, *,
+                loss_chunk: int | None = None) -> MegabyteOutput:
+        """``loss_chunk=N`` (with ``return_loss``): compute the head and the loss N positions at a
+        time (:func:`chunked_linear_cross_entropy`) so the (B, T, V) logits never exist; the
+        output's ``lm_logits`` is then None. For long sequences, where the logits would dominate
+        the memory of a training step."""
         cfg = self.config
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError(f"ids must be a (B, T) integer tensor, got {getattr(ids, 'shape', type(ids))}")
@@ -200,10 +269,17 @@ class Megabyte(nn.Module):
         # 4. local transformer, causal inside each patch
         local_out = self.l_transformer(local_in, self.backend)
         # 5. head
-        lm_logits = self.to_logits(local_out).reshape(B, K * P, cfg.V)[:, :T]
-
         loss = None
-        if return_loss:
+        if loss_chunk is not None and return_loss:
+            if not isinstance(loss_chunk, int) or isinstance(loss_chunk, bool) or loss_chunk < 1:
+                raise ValueError(f"loss_chunk must be a positive int or None, got {loss_chunk!r}")
+            lm_logits = None
+            x = local_out.reshape(B, K * P, -1)[:, :T].reshape(B * T, -1)
+            loss = chunked_linear_cross_entropy(x, self.to_logits.weight, self.to_logits.bias, ids.reshape(-1),
+                                                ignore_index=cfg.pad_id, chunk=loss_chunk)
+        else:
+            lm_logits = self.to_logits(local_out).reshape(B, K * P, cfg.V)[:, :T]
+        if return_loss and loss is None:
             loss = F.cross_entropy(lm_logits.float().reshape(-1, cfg.V), ids.reshape(-1), ignore_index=cfg.pad_id)
         if return_metrics:
             metrics.update(global_in_norm=global_in.norm(), global_out_norm=global_out.norm(),
