@@ -17,7 +17,11 @@ from ._validate import num_patches
 
 
 def _pad_to_patches(ids: torch.Tensor, P: int, pad_id: int) -> torch.Tensor:
-    """(B, T) -> (B, K*P): right-pad with ``pad_id`` to a whole number of patches."""
+    """(B, T) -> (B, K*P) int64: right-pad with ``pad_id`` to a whole number of patches.
+
+    Widened to int64 first: the validated id dtypes include uint8/int16/int32, which
+    ``F.embedding`` rejects (uint8, int16) and where a ``pad_id`` above 255 would wrap."""
+    ids = ids.long()
     T = ids.shape[1]
     extra = num_patches(T, P) * P - T
     return F.pad(ids, (0, extra), value=pad_id) if extra else ids
