@@ -336,7 +336,12 @@ class _Dist:
 def _wrap_parallel(model, dist_: _Dist, fsdp: bool):
     """DDP, or FSDP2 (``fully_shard`` per transformer block, then the root) with ``fsdp``."""
     if fsdp:
+        import warnings
+
         from torch.distributed.fsdp import fully_shard
+
+        # the model's output holds views (lm_logits[:, :T]); training never writes into them in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         for tr in (model.g_transformer, model.l_transformer):
             for block in tr.layers:

@@ -181,3 +181,28 @@ def test_save_state_is_atomic_and_keeps_the_previous(tmp_path):
         (tmp_path / "cut.pt").write_bytes(raw[:n])
         with pytest.raises(ckpt.CheckpointError):
             ckpt.load_state(tmp_path / "cut.pt")
+
+
+def test_grad_accum_equals_the_larger_batch(corpus, tmp_path, capsys):
+    """2 micro-batches of 4 per step: the parameters of batch 8 (the same windows, drawn in order)."""
+    args = [*ARGS]
+    args[args.index("--steps") + 1] = "4"
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--data", str(corpus), "--out", str(a), *args, "--batch-size", "8"]) == 0
+    assert main(["train", "--data", str(corpus), "--out", str(b), *args, "--batch-size", "4", "--grad-accum", "2"]) == 0
+    assert "grad accumulation 2" in capsys.readouterr().out
+    wa, wb = _weights(a), _weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_tensorboard_is_optional(corpus, tmp_path, capsys):
+    args = [*ARGS]
+    args[args.index("--steps") + 1] = "2"
+    rc = main(["train", "--data", str(corpus), "--out", str(tmp_path / "o"), *args, "--tensorboard"])
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "needs the tensorboard package" in capsys.readouterr().err
+        return
+    assert rc == 0 and any((tmp_path / "o" / "tensorboard").iterdir())
