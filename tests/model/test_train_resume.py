@@ -87,14 +87,15 @@ def test_sigkill_mid_run_then_resume_is_bitwise_exact(corpus, reference_run, tmp
     assert [r["kind"] for r in recs].count("final") == 1 and recs[-1]["steps"] == STEPS
 
 
-def test_sigterm_saves_and_stops_then_resume_is_bitwise_exact(corpus, reference_run, tmp_path, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_stops_then_resume_is_bitwise_exact(sig, corpus, reference_run, tmp_path, capsys):
     out = tmp_path / "o"
     proc = _start(corpus, out)
     _wait_for_state(proc, out)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "SIGTERM received: training state saved at step" in err and "--resume" in err
+    assert proc.returncode == 128 + sig, err
+    assert f"{sig.name} received: training state saved at step" in err and "--resume" in err
     assert "Traceback" not in err
     state = ckpt.load_state(out / ckpt.STATE)
     assert 1 <= state["step"] < STEPS
