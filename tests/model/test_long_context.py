@@ -101,3 +101,21 @@ def test_train_cli_at_t_65536(tmp_path, capsys):
     final = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
     assert final["steps"] == 2 and final["train_bytes_seen"] == 2 * 65_536
     assert math.isfinite(final["heldout_bpb"])
+
+
+def test_bf16_autocast_with_the_chunked_loss_trains(tmp_path, capsys):
+    """--precision bf16 (the GPU default) through the whole loop, here with CPU autocast."""
+    data = tmp_path / "c.txt"
+    data.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 100)
+    out = tmp_path / "o"
+    assert main(["train", "--data", str(data), "--out", str(out), "--seq-len", "64", "--batch-size", "2",
+                 "--steps", "4", "--d-global", "16", "--d-local", "32", "--g-layers", "1", "--l-layers", "1",
+                 "--g-heads", "2", "--l-heads", "2", "--warmup", "1", "--eval-every", "2", "--log-every", "1",
+                 "--sample-bytes", "4", "--threads", "1", "--backend", "reference", "--time-budget", "0",
+                 "--precision", "bf16", "--loss-chunk", "50"]) == 0
+    assert "bf16 autocast" in capsys.readouterr().out
+    recs = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert recs[0]["precision"] == "bf16"
+    losses = [r["loss"] for r in recs if r["kind"] == "train"]
+    assert len(losses) == 4 and all(abs(v - math.log(512)) < 0.5 for v in losses)
+    assert math.isfinite(recs[-1]["heldout_bpb"])

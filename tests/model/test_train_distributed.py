@@ -65,11 +65,15 @@ def _assert_close(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process_with_twice_the_batch(engine, corpus, single, tmp_path, capsys):
+@pytest.mark.parametrize("engine, per_rank", [
+    ("ddp", ["--batch-size", str(B)]),
+    ("ddp", ["--batch-size", str(B // 2), "--grad-accum", "2"]),  # DDP no_sync accumulation
+    ("fsdp", ["--batch-size", str(B)]),
+], ids=["ddp", "ddp-accum", "fsdp"])
+def test_two_ranks_match_one_process_with_twice_the_batch(engine, per_rank, corpus, single, tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "o"
-    r = _torchrun("--data", str(corpus), "--out", str(out), *ARGS, "--batch-size", str(B),
+    r = _torchrun("--data", str(corpus), "--out", str(out), *ARGS, *per_rank,
                   *(["--fsdp"] if engine == "fsdp" else []))
     assert f"2 ranks ({'FSDP2' if engine == 'fsdp' else 'DDP'})" in r.stdout
     assert r.stdout.count("MEGABYTE (this run)") == 1  # only rank 0 prints
