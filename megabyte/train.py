@@ -9,6 +9,16 @@ gradient clipping at 1.0, on random windows; evaluate held-out bits per byte (lo
 Bits per byte of the model = mean cross entropy in nats over every held-out byte / ln 2, with the
 held-out bytes cut into consecutive non-overlapping windows of ``seq_len`` (each window starts
 without context), the same bytes the baselines are computed on.
+
+For long runs: every ``--save-every`` steps, at the end, and on SIGTERM / SIGINT the checkpoint
+and the resumable ``train_state.pt`` (``megabyte.checkpoint``) are written; ``--resume``
+continues a run so that on CPU its parameters are bitwise those of an uninterrupted run (same
+arguments, ``--time-budget 0``: with a budget the schedule follows the clock). Under ``torchrun``
+(WORLD_SIZE > 1) the model is wrapped in DDP, or sharded with FSDP2 (``--fsdp``); each rank takes
+its rows of the global batch (``BatchSampler(rank, world)``), the logged loss is the mean over the
+ranks and only rank 0 prints and writes. ``--grad-accum``, ``--precision bf16`` (autocast; the
+default on a CUDA GPU), ``--loss-chunk`` and ``--checkpointing`` (long contexts) and
+``--tensorboard`` complete the recipe.
 """
 from __future__ import annotations
 
