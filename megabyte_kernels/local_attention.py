@@ -48,6 +48,39 @@ MAX_N = 128  # the packed kernel holds whole sequences in one tile
 
 
 @triton.jit
+def _load_tile(X, off, mask, UPCAST: tl.constexpr):
+    """Masked load of a tile (zeros outside the mask); fp32 when UPCAST (the interpreter's bf16)."""
+    x = tl.load(X + off, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _local_kv_cols(kv_seq0, offs_d, d_mask, P, NKV_SEQ, D, SPT_KV, BLOCK_KV: tl.constexpr):
+    """The program's key tile: per column c its key sequence and position, whether it is a real
+    row, and the offsets and mask of the k/v rows (SPT_KV sequences from kv_seq0)."""
+    offs_c = tl.arange(0, BLOCK_KV)
+    c_seq = offs_c // P
+    c_pos = offs_c % P
+    c_ok = (c_seq < SPT_KV) & (kv_seq0 + c_seq < NKV_SEQ)
+    kv_off = (kv_seq0.to(tl.int64) * P + offs_c)[:, None] * D + offs_d[None, :]
+    kv_mask = c_ok[:, None] & d_mask[None, :]
+    return c_seq, c_pos, c_ok, kv_off, kv_mask
+
+
+@triton.jit
+def _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D, SPT_KV, SPQ):
+    """Query chunk `chunk` of the program: per row r its query sequence within the program, whether
+    it is a real row, and the offsets and mask of the q (and dO/o/dq) rows."""
+    qs_local = chunk * SPQ + r_seq
+    r_ok = (r_seq < SPQ) & (qs_local < SPT_KV * G) & (q_seq0 + qs_local < NQ_SEQ)
+    q_off = ((q_seq0 + chunk * SPQ).to(tl.int64) * P + offs_r)[:, None] * D + offs_d[None, :]
+    q_mask = r_ok[:, None] & d_mask[None, :]
+    return qs_local, r_ok, q_off, q_mask
+
+
+@triton.jit
 def _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
                  HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """Exact block-diagonal causal softmax p (BLOCK_Q, BLOCK_KV) in fp32."""
@@ -77,29 +110,17 @@ def _local_fwd_kernel(Q, K, V, O, Slopes, scale, P, G, H, NQ_SEQ, NKV_SEQ, D, SP
     q_seq0 = kv_seq0 * G
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    offs_c = tl.arange(0, BLOCK_KV)
-    c_seq = offs_c // P
-    c_pos = offs_c % P
-    c_ok = (c_seq < SPT_KV) & (kv_seq0 + c_seq < NKV_SEQ)
-    kv_off = (kv_seq0.to(tl.int64) * P + offs_c)[:, None] * D + offs_d[None, :]
-    kv_mask = c_ok[:, None] & d_mask[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    c_seq, c_pos, c_ok, kv_off, kv_mask = _local_kv_cols(kv_seq0, offs_d, d_mask, P, NKV_SEQ, D, SPT_KV, BLOCK_KV)
+    k = _load_tile(K, kv_off, kv_mask, UPCAST)
+    v = _load_tile(V, kv_off, kv_mask, UPCAST)
     qk_scale = scale * 1.4426950408889634
     offs_r = tl.arange(0, BLOCK_Q)
     r_seq = offs_r // P
     r_pos = offs_r % P
     for chunk in range(0, N_CHUNKS):
-        qs_local = chunk * SPQ + r_seq
-        r_ok = (r_seq < SPQ) & (qs_local < SPT_KV * G) & (q_seq0 + qs_local < NQ_SEQ)
-        q_off = ((q_seq0 + chunk * SPQ).to(tl.int64) * P + offs_r)[:, None] * D + offs_d[None, :]
-        q_mask = r_ok[:, None] & d_mask[None, :]
-        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        qs_local, r_ok, q_off, q_mask = _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D,
+                                                      SPT_KV, SPQ)
+        q = _load_tile(Q, q_off, q_mask, UPCAST)
         p = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
                          HAS_ALIBI, DOT_PREC)
         o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -120,17 +141,9 @@ def _local_bwd_kernel(Q, K, V, DO, DQ, DK, DV, Slopes, scale, P, G, H, NQ_SEQ, N
     q_seq0 = kv_seq0 * G
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    offs_c = tl.arange(0, BLOCK_KV)
-    c_seq = offs_c // P
-    c_pos = offs_c % P
-    c_ok = (c_seq < SPT_KV) & (kv_seq0 + c_seq < NKV_SEQ)
-    kv_off = (kv_seq0.to(tl.int64) * P + offs_c)[:, None] * D + offs_d[None, :]
-    kv_mask = c_ok[:, None] & d_mask[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    c_seq, c_pos, c_ok, kv_off, kv_mask = _local_kv_cols(kv_seq0, offs_d, d_mask, P, NKV_SEQ, D, SPT_KV, BLOCK_KV)
+    k = _load_tile(K, kv_off, kv_mask, UPCAST)
+    v = _load_tile(V, kv_off, kv_mask, UPCAST)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
@@ -138,15 +151,10 @@ def _local_bwd_kernel(Q, K, V, DO, DQ, DK, DV, Slopes, scale, P, G, H, NQ_SEQ, N
     r_seq = offs_r // P
     r_pos = offs_r % P
     for chunk in range(0, N_CHUNKS):
-        qs_local = chunk * SPQ + r_seq
-        r_ok = (r_seq < SPQ) & (qs_local < SPT_KV * G) & (q_seq0 + qs_local < NQ_SEQ)
-        q_off = ((q_seq0 + chunk * SPQ).to(tl.int64) * P + offs_r)[:, None] * D + offs_d[None, :]
-        q_mask = r_ok[:, None] & d_mask[None, :]
-        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-        do = tl.load(DO + q_off, mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        qs_local, r_ok, q_off, q_mask = _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D,
+                                                      SPT_KV, SPQ)
+        q = _load_tile(Q, q_off, q_mask, UPCAST)
+        do = _load_tile(DO, q_off, q_mask, UPCAST)
         p = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
                          HAS_ALIBI, DOT_PREC)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
