@@ -46,7 +46,7 @@ def _step(model, opt, ids, chunked: bool, autocast) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def measure(T: int, dims: dict, chunked: bool, device) -> dict:

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
 
     left = a.budget - (time.perf_counter() - t_start)
     bench = [py, "-m", "benchmarks.run", "--device", "cuda",
-             "--suites", "model,patch_embed,global_to_local,causal_attention,generation",
+             "--suites", "model,patch_embed,global_to_local,causal_attention,generation,long_context",
              "--impls", "megabyte[triton],megabyte[reference],compile(megabyte[reference]),megabyte-pytorch,"
                         "gpt2-sdpa,original",
              "--compile-configs", "bench", "--budget-s", "1.0",

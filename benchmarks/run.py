@@ -41,6 +41,7 @@ KERNEL_SUITES = [
     ("causal_attention", "benchmarks.bench_causal_attention"),
     ("native", "benchmarks.bench_native"),
     ("generation", "benchmarks.bench_generation"),
+    ("long_context", "benchmarks.bench_long_context"),
 ]
 ALL_SUITES = [s for s, _ in KERNEL_SUITES] + ["model"]
 # keys that describe where a row was measured: shown once in the header, not in the tables
