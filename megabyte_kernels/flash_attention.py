@@ -47,25 +47,68 @@ LOG2E = 1.4426950408889634
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _load_tile(X, off, mask, UPCAST: tl.constexpr):
+    """Masked load of a tile (zeros outside the mask); fp32 when UPCAST (the interpreter's bf16)."""
+    x = tl.load(X + off, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rows_off_mask(base, offs_rows, offs_d, d_mask, N, D, ROW_MASK: tl.constexpr):
+    """Offsets and mask of the (rows, BLOCK_D) tile of an (N, D) row-major matrix at base: the head
+    dim padded to BLOCK_D is masked, and rows >= N too when ROW_MASK."""
+    if ROW_MASK:
+        mask = (offs_rows[:, None] < N) & d_mask[None, :]
+    else:
+        mask = d_mask[None, :]
+    off = base + offs_rows[:, None] * D + offs_d[None, :]
+    return off, mask
+
+
+@triton.jit
+def _head_bases(bh, H, G, N, D):
+    """Query head h of program row bh = b * Hq + h, and the int64 bases of its q rows and of the k/v
+    rows of its group g = h // G (b * Hkv + g)."""
+    h = bh % H
+    bkv = (bh // H) * (H // G) + h // G  # b * Hkv + g
+    q_base = bh.to(tl.int64) * N * D
+    kv_base = bkv.to(tl.int64) * N * D
+    return h, q_base, kv_base
+
+
+@triton.jit
+def _alibi_slope2(Slopes, h, HAS_ALIBI: tl.constexpr):
+    """ALiBi slope of head h in base-2 units (0 without ALiBi)."""
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+    else:
+        slope2 = 0.0
+    return slope2
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Base-2 scores s2 (BLOCK_M, BLOCK_N) of query rows offs_m against key rows offs_n, with ALiBi."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_ALIBI:
+        s -= slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+    return s
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, N, D, qk_scale, slope2,
                MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Online-softmax sweep over key blocks [lo, hi) for one query block."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:  # diagonal blocks may run past N
-            kv_mask = (offs_n[:, None] < N) & d_mask[None, :]
-        else:  # left of the diagonal every key index is < start_m <= N - 1
-            kv_mask = d_mask[None, :]
-        kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_ALIBI:
-            s -= slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        # diagonal blocks may run past N; left of the diagonal every key index is < start_m <= N - 1
+        kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, MASKED)
+        k = _load_tile(K, kv_off, kv_mask, UPCAST)
+        v = _load_tile(V, kv_off, kv_mask, UPCAST)
+        s = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC)
         if MASKED:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
         # Every row (live or tail) sees key start_m in the first diagonal block, so m_new is
@@ -89,10 +132,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs a contraction of at least 16")
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)  # b * Hq + h
-    h = bh % H
-    bkv = (bh // H) * (H // G) + h // G  # b * Hkv + g
-    q_base = bh.to(tl.int64) * N * D
-    kv_base = bkv.to(tl.int64) * N * D
+    h, q_base, kv_base = _head_bases(bh, H, G, N, D)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -102,10 +142,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
     if UPCAST:
         q = q.to(tl.float32)
     qk_scale = scale * 1.4426950408889634
-    if HAS_ALIBI:
-        slope2 = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
-    else:
-        slope2 = 0.0
+    slope2 = _alibi_slope2(Slopes, h, HAS_ALIBI)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -147,13 +184,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_mask = offs_m < N
-        off = q_base + offs_m[:, None] * D + offs_d[None, :]
-        mask = row_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + off, mask=mask, other=0.0)
-        do = tl.load(DO + off, mask=mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, D, True)
+        q = _load_tile(Q, off, mask, UPCAST)
+        do = _load_tile(DO, off, mask, UPCAST)
         lse2 = tl.load(LSE + row_base + offs_m, mask=row_mask, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=row_mask, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
@@ -185,13 +218,9 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    kv_mask = (offs_n[:, None] < N) & d_mask[None, :]
-    kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, True)
+    k = _load_tile(K, kv_off, kv_mask, UPCAST)
+    v = _load_tile(V, kv_off, kv_mask, UPCAST)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -202,10 +231,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
         bh = b * H + h
         q_base = bh.to(tl.int64) * N * D
         row_base = bh.to(tl.int64) * N
-        if HAS_ALIBI:
-            slope2 = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
-        else:
-            slope2 = 0.0
+        slope2 = _alibi_slope2(Slopes, h, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, offs_d, d_mask,
                                  start_n, diag_end, N, D, qk_scale, slope2, True, HAS_ALIBI, UPCAST, DOT_PREC,
                                  BLOCK_M)
@@ -224,19 +250,10 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask,
     """Accumulate dq (BLOCK_M, BLOCK_D) over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_mask = (offs_n[:, None] < N) & d_mask[None, :]
-        else:
-            kv_mask = d_mask[None, :]
-        kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_ALIBI:
-            s -= slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, MASKED)
+        k = _load_tile(K, kv_off, kv_mask, UPCAST)
+        v = _load_tile(V, kv_off, kv_mask, UPCAST)
+        s = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -254,29 +271,19 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G,
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    h = bh % H
-    bkv = (bh // H) * (H // G) + h // G
-    q_base = bh.to(tl.int64) * N * D
-    kv_base = bkv.to(tl.int64) * N * D
+    h, q_base, kv_base = _head_bases(bh, H, G, N, D)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     row_mask = offs_m < N
-    mask = row_mask[:, None] & d_mask[None, :]
-    off = q_base + offs_m[:, None] * D + offs_d[None, :]
-    q = tl.load(Q + off, mask=mask, other=0.0)
-    do = tl.load(DO + off, mask=mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, D, True)
+    q = _load_tile(Q, off, mask, UPCAST)
+    do = _load_tile(DO, off, mask, UPCAST)
     lse2 = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=row_mask, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=row_mask, other=0.0)
     qk_scale = scale * 1.4426950408889634
-    if HAS_ALIBI:
-        slope2 = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
-    else:
-        slope2 = 0.0
+    slope2 = _alibi_slope2(Slopes, h, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask, 0, start_m, N, D, qk_scale,
                        slope2, False, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)

@@ -42,18 +42,9 @@ import triton
 import triton.language as tl
 
 from .backends import interpreting
-from .flash_attention import head_dim_block
+from .flash_attention import _load_tile, head_dim_block
 
 MAX_N = 128  # the packed kernel holds whole sequences in one tile
-
-
-@triton.jit
-def _load_tile(X, off, mask, UPCAST: tl.constexpr):
-    """Masked load of a tile (zeros outside the mask); fp32 when UPCAST (the interpreter's bf16)."""
-    x = tl.load(X + off, mask=mask, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
 
 
 @triton.jit
