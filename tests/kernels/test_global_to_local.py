@@ -7,7 +7,6 @@ sm_80/sm_90 in fp16/bf16/fp32. Tier 4 (``gpu``): bf16 and large shapes on CUDA.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,16 +14,9 @@ import pytest
 import torch
 
 from megabyte_kernels import global_to_local
-from megabyte_kernels.backends import interpreting
 from tests.aot import compile_cases
-
-# the package re-exports the functions under the modules' names: fetch the modules themselves
-pe_mod = importlib.import_module("megabyte_kernels.patch_embed")
-g2l_mod = importlib.import_module("megabyte_kernels.global_to_local")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton_path = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                       reason="needs CUDA or TRITON_INTERPRET=1")
+from tests.kernels._parity import DEVICE, PTR, aot_signature, g2l_mod, needs_triton_path, pe_mod
+from tests.kernels._parity import nan_buffers  # noqa: F401  (autouse fixture: NaN-prefilled buffers)
 
 # dtype and its (atol, rtol) against the float64 reference (GEMM over D_G <= 40 terms of unit
 # scale); bf16 in the interpreter checks the indexing only (tiles upcast after loading).
@@ -33,15 +25,6 @@ DTYPES = [
     pytest.param(torch.float16, 1e-2, 2e-3, id="fp16"),
     pytest.param(torch.bfloat16, 8e-2, 2e-2, id="bf16"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def nan_buffers(monkeypatch):
-    """Every buffer the Triton path allocates starts as NaN: each element must be written."""
-    def alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(pe_mod, "_alloc", alloc)
-    monkeypatch.setattr(g2l_mod, "_alloc", alloc)
 
 
 def make_inputs(B, T, P, D_G, D_L, V, *, bias, local_pad, dtype, noncontig=False, seed=0):
@@ -160,16 +143,6 @@ def test_torch_compile_fullgraph():
 
 
 # ---------------------------------------------------------------------------- tier 3: AOT
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-
-
-def _signature(kernel, ptrs: dict, constexprs: dict) -> dict:
-    fn = kernel
-    while not hasattr(fn, "arg_names"):
-        fn = fn.fn
-    return {n: "constexpr" if n in constexprs else ptrs.get(n, "i32") for n in fn.arg_names}
-
-
 def _aot_cases():
     """Per arch and dtype: the GEMM with the fused epilogue (forward) at its largest config and
     the dW kernel; on sm_90 also the GEMM without epilogue (dX), every other autotune config
@@ -177,7 +150,7 @@ def _aot_cases():
     cases = []
     for arch in (80, 90):
         for dt in (torch.float16, torch.bfloat16, torch.float32):
-            p = _PTR[dt]
+            p = PTR[dt]
             ptrs = {"A": p, "Bmat": p, "C": p, "Bias": p, "Ids": "*i64", "Table": p, "LocalPad": p}
             configs = g2l_mod.MATMUL_CONFIGS_32 if dt == torch.float32 else g2l_mod.MATMUL_CONFIGS_16
             for cfg in configs:
@@ -192,15 +165,15 @@ def _aot_cases():
                     ce = {"EPILOGUE": epilogue, "HAS_BIAS": True, "CROSS_PATCH": False, "HAS_LOCAL_PAD": True,
                           "UPCAST": False, "PRECISION": prec, **cfg.kwargs}
                     cases.append({"kernel": "megabyte_kernels.global_to_local:_g2l_matmul_kernel",
-                                  "signature": _signature(g2l_mod._g2l_matmul_kernel, ptrs, ce), "constexprs": ce,
+                                  "signature": aot_signature(g2l_mod._g2l_matmul_kernel, ptrs, ce), "constexprs": ce,
                                   "arch": arch, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             bi, bj, bm, warps, stages = g2l_mod.atb_config(dt)
             # fp32 GEMMs run TF32 when torch.backends.cuda.matmul.allow_tf32 is set: that variant too
             for prec in ("ieee", "tf32") if dt == torch.float32 and arch == 90 else ("ieee",):
                 ce = {"UPCAST": False, "PRECISION": prec, "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_M": bm}
                 cases.append({"kernel": "megabyte_kernels.global_to_local:_atb_kernel",
-                              "signature": _signature(g2l_mod._atb_kernel, {"A": p, "Bmat": p, "Partial": "*fp32"},
-                                                      ce),
+                              "signature": aot_signature(g2l_mod._atb_kernel, {"A": p, "Bmat": p, "Partial": "*fp32"},
+                                                          ce),
                               "constexprs": ce, "arch": arch, "num_warps": warps, "num_stages": stages})
     return cases
 

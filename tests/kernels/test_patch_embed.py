@@ -7,22 +7,13 @@ fp16/bf16/fp32. Tier 4 (``gpu``): bf16 and large shapes on CUDA.
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from megabyte_kernels import patch_embed
-from megabyte_kernels.backends import interpreting
 from tests.aot import compile_cases
-
-# the package re-exports the functions under the modules' names: fetch the modules themselves
-pe_mod = importlib.import_module("megabyte_kernels.patch_embed")
-g2l_mod = importlib.import_module("megabyte_kernels.global_to_local")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton_path = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                       reason="needs CUDA or TRITON_INTERPRET=1")
+from tests.kernels._parity import DEVICE, PTR, aot_signature, g2l_mod, needs_triton_path, pe_mod
+from tests.kernels._parity import nan_buffers  # noqa: F401  (autouse fixture: NaN-prefilled buffers)
 
 # dtype and its (atol, rtol) against the float64 reference; bf16 in the interpreter checks the
 # indexing only (tiles upcast after loading), its numerics are the GPU tier's.
@@ -31,15 +22,6 @@ DTYPES = [
     pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
     pytest.param(torch.bfloat16, 2e-2, 2e-2, id="bf16"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def nan_buffers(monkeypatch):
-    """Every buffer the Triton path allocates starts as NaN: each element must be written."""
-    def alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(pe_mod, "_alloc", alloc)
-    monkeypatch.setattr(g2l_mod, "_alloc", alloc)
 
 
 def make_inputs(B, T, P, D, V, *, pos, pad_patch, dtype, noncontig=False, seed=0):
@@ -147,38 +129,28 @@ def test_torch_compile_fullgraph():
 
 
 # ---------------------------------------------------------------------------- tier 3: AOT
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-
-
-def _signature(kernel, ptrs: dict, constexprs: dict) -> dict:
-    fn = kernel
-    while not hasattr(fn, "arg_names"):
-        fn = fn.fn
-    return {n: "constexpr" if n in constexprs else ptrs.get(n, "i32") for n in fn.arg_names}
-
-
 def _aot_cases():
     cases = []
     for arch in (80, 90):
         for dt in (torch.float16, torch.bfloat16, torch.float32):
-            p = _PTR[dt]
+            p = PTR[dt]
             # every autotune config on sm_90 (the H200), the largest tile on sm_80
             for cfg in pe_mod.FWD_CONFIGS if arch == 90 else pe_mod.FWD_CONFIGS[-1:]:
                 fwd = {"HAS_POS": True, "HAS_PAD_PATCH": True, **cfg.kwargs}
                 cases.append({"kernel": "megabyte_kernels.patch_embed:_patch_embed_fwd_kernel",
-                              "signature": _signature(pe_mod._patch_embed_fwd_kernel,
-                                                      {"Ids": "*i64", "Table": p, "Pos": p, "PadPatch": p, "Out": p},
-                                                      fwd),
+                              "signature": aot_signature(pe_mod._patch_embed_fwd_kernel,
+                                                          {"Ids": "*i64", "Table": p, "Pos": p, "PadPatch": p, "Out": p},
+                                                          fwd),
                               "constexprs": fwd, "arch": arch, "num_warps": cfg.num_warps})
             bv, bn, bd, warps, stages = pe_mod.onehot_config(dt)
             oh = {"BLOCK_V": bv, "BLOCK_N": bn, "BLOCK_D": bd, "UPCAST": False, "PRECISION": "ieee"}
             cases.append({"kernel": "megabyte_kernels.patch_embed:_onehot_grad_kernel",
-                          "signature": _signature(pe_mod._onehot_grad_kernel,
-                                                  {"Codes": "*i32", "G": p, "Partial": "*fp32"}, oh),
+                          "signature": aot_signature(pe_mod._onehot_grad_kernel,
+                                                      {"Codes": "*i32", "G": p, "Partial": "*fp32"}, oh),
                           "constexprs": oh, "arch": arch, "num_warps": warps, "num_stages": stages})
             sl = {"BLOCK_R": 8, "BLOCK_D": 256}
             cases.append({"kernel": "megabyte_kernels.patch_embed:_sum_leading_kernel",
-                          "signature": _signature(pe_mod._sum_leading_kernel, {"X": p, "Out": p}, sl),
+                          "signature": aot_signature(pe_mod._sum_leading_kernel, {"X": p, "Out": p}, sl),
                           "constexprs": sl, "arch": arch})
     return cases
 

@@ -1,0 +1,42 @@
+"""Helpers shared by the parity tests of the Triton patch embedding and global-to-local projection
+(DESIGN.md §4): the op modules, the device, the NaN-prefilled buffers and the AOT signatures."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from megabyte_kernels.backends import interpreting
+
+# the package re-exports the functions under the modules' names: fetch the modules themselves
+pe_mod = importlib.import_module("megabyte_kernels.patch_embed")
+g2l_mod = importlib.import_module("megabyte_kernels.global_to_local")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton_path = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
+                                       reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def nan_buffers(monkeypatch):
+    """Every buffer the Triton path allocates starts as NaN: each element must be written.
+
+    Autouse in the test modules that import it."""
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(pe_mod, "_alloc", alloc)
+    monkeypatch.setattr(g2l_mod, "_alloc", alloc)
+
+
+# ---------------------------------------------------------------------------- tier 3: AOT
+PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def aot_signature(kernel, ptrs: dict, constexprs: dict) -> dict:
+    """Triton signature of a (possibly autotuned) kernel: pointer types from ptrs, constexprs
+    marked, every other argument i32."""
+    fn = kernel
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    return {n: "constexpr" if n in constexprs else ptrs.get(n, "i32") for n in fn.arg_names}
