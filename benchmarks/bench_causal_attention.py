@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_ms, compiled, copy_bandwidth, device_record, format_rows
+from benchmarks.common import bench_ms, device_record, format_rows, reference_impls, run_context
 from megabyte_kernels import reference
 from megabyte_kernels.attention import flash_attention, local_attention
 
@@ -64,10 +64,7 @@ def _sdpa_backends(device):
 
 def _impls(device, family):
     is_cuda = torch.device(device).type == "cuda"
-    impls = {"eager": lambda q, k, v: reference.causal_attention(q, k, v)}
-    comp = compiled(reference.causal_attention)
-    if comp is not None:
-        impls["torch.compile"] = comp
+    impls = reference_impls(reference.causal_attention)
     for name, ctx in _sdpa_backends(device).items():
         def sdpa(q, k, v, ctx=ctx):
             with ctx():
@@ -88,11 +85,7 @@ def _impls(device, family):
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     """Rows: op, family, impl, shape, dtype, pass, ms, TFLOP/s or GB/s (+ frac_copy), ratio_vs_sdpa."""
-    device = str(device)
-    is_cuda = torch.device(device).type == "cuda"
-    dtype = torch.bfloat16 if is_cuda else torch.float32
-    rec = device_record(device)
-    copy_gbs = copy_bandwidth(device, quick=quick)
+    device, is_cuda, dtype, rec, copy_gbs = run_context(device, quick=quick)
     rows = []
     for family, B, Hq, Hkv, N, d in _shapes(device, quick):
         q, k, v = _inputs(B, Hq, Hkv, N, d, dtype, device)

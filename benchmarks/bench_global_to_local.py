@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.common import bench_ms, compiled, copy_bandwidth, device_record, format_rows
+from benchmarks.common import bench_ms, device_record, format_rows, reference_impls, run_context
 from megabyte_kernels import global_to_local, reference
 
 V, PAD = 512, 0
@@ -38,15 +38,8 @@ def _inputs(B, T, P, D_G, D_L, dtype, device, seed=0):
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     """Rows: op, impl, shape, dtype, pass, ms, GB/s, frac_copy, TFLOP/s, ratio vs eager (> 1 is faster)."""
-    device = str(device)
-    is_cuda = torch.device(device).type == "cuda"
-    dtype = torch.bfloat16 if is_cuda else torch.float32
-    rec = device_record(device)
-    copy_gbs = copy_bandwidth(device, quick=quick)
-    impls = {"eager": lambda *a, **k: reference.global_to_local(*a, **k)}
-    comp = compiled(reference.global_to_local)
-    if comp is not None:
-        impls["torch.compile"] = comp
+    device, is_cuda, dtype, rec, copy_gbs = run_context(device, quick=quick)
+    impls = reference_impls(reference.global_to_local)
     if is_cuda:
         impls["triton"] = lambda *a, **k: global_to_local(*a, backend="triton", **k)
     rows = []

@@ -85,6 +85,28 @@ def compiled(fn: Callable) -> Callable | None:
         return None
 
 
+def run_context(device: str | torch.device, *, quick: bool = False) -> tuple:
+    """What an op benchmark's ``run()`` starts from: ``(device as str, is_cuda, dtype, record,
+    copy_gbs)`` with dtype bf16 on CUDA and fp32 elsewhere, the :func:`device_record` and the
+    measured :func:`copy_bandwidth` in GB/s."""
+    device = str(device)
+    is_cuda = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if is_cuda else torch.float32
+    rec = device_record(device)
+    copy_gbs = copy_bandwidth(device, quick=quick)
+    return device, is_cuda, dtype, rec, copy_gbs
+
+
+def reference_impls(ref_fn: Callable) -> dict[str, Callable]:
+    """The baseline rows of an op benchmark: ``{"eager": ref_fn, "torch.compile": compiled(ref_fn)}``,
+    without the latter when compilation is unavailable here."""
+    impls = {"eager": lambda *a, **k: ref_fn(*a, **k)}
+    comp = compiled(ref_fn)
+    if comp is not None:
+        impls["torch.compile"] = comp
+    return impls
+
+
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of result rows (the keys of the first row are the columns)."""
     if not rows:
