@@ -73,6 +73,9 @@ class MegabyteConfig:
                  f"{name} must be an int >= {lo}, got {v!r}")
         need(self.V >= 2, f"V must be at least 2, got {self.V}")
         need(self.T_MAX >= self.P, f"T_MAX={self.T_MAX} must be at least the patch size P={self.P}")
+        need(self.positions != "learned" or self.T_MAX % self.P == 0,
+             f"T_MAX={self.T_MAX} must be a multiple of the patch size P={self.P} with learned positions: "
+             "a sequence is padded to whole patches and every padded slot needs a position row")
         need(0 <= self.pad_id < self.V, f"pad_id must lie in [0, V={self.V}), got {self.pad_id}")
         need(0 <= self.eos_id < self.V, f"eos_id must lie in [0, V={self.V}), got {self.eos_id}")
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")

@@ -54,7 +54,7 @@ def test_empty_prompt_and_bytes_prompt():
 
 
 def test_global_model_steps_exactly_once_per_completed_patch():
-    model = make(P=3, g_nheads=3)
+    model = make(P=3, g_nheads=3, T_MAX=33)
     P, L, new = 3, 7, 11
     g_calls, l_calls = [], []
     h1 = model.g_transformer.register_forward_hook(lambda m, a, o: g_calls.append(a[0].shape[1]))

@@ -131,7 +131,7 @@ def test_eval_strided_command(checkpoint, capsys):
 # strided evaluation
 
 
-@pytest.mark.parametrize("kw, seq_len", [({}, 16), (dict(P=3, g_nheads=3), 14), (dict(variant="in_action"), 16)])
+@pytest.mark.parametrize("kw, seq_len", [({}, 16), (dict(P=3, g_nheads=3, T_MAX=33), 14), (dict(variant="in_action"), 16)])
 def test_strided_is_causal(kw, seq_len):
     """The strided loss of byte t depends only on bytes <= t: changing later bytes changes nothing."""
     model = make(**kw)

@@ -21,7 +21,7 @@ VARIANTS = {
     "full_heads": dict(g_kv_heads=2, l_kv_heads=2),
     "tied_relu_norm": dict(tie_head=True, activation="relu", final_norm=True),
     "P1": dict(P=1, D_G=16),
-    "P3": dict(P=3, g_nheads=3),
+    "P3": dict(P=3, g_nheads=3, T_MAX=33),  # learned positions: T_MAX a multiple of P
     "in_action_trainable_pad": dict(variant="in_action", pad="trainable"),
 }
 
@@ -124,6 +124,7 @@ def test_alibi_and_none_positions_accept_sequences_past_t_max():
     (dict(g_nheads=3), "divisible by g_nheads"),
     (dict(D_L=10, l_nheads=4), "divisible by l_nheads"),
     (dict(T_MAX=2, P=4), "T_MAX=2 must be at least"),
+    (dict(T_MAX=30, P=4), "T_MAX=30 must be a multiple of the patch size"),
     (dict(pad_id=300), "pad_id must lie"),
     (dict(g_kv_heads=3, g_nheads=2), "multiple of g_kv_heads"),
     (dict(positions="rope"), "positions must be one of"),
