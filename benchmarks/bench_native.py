@@ -24,7 +24,10 @@ on a shared machine whose load drifts between blocks. ``BENCH_THREADS`` sets tor
 ``--benchmark-timer=time.process_time`` for the blocks): on an oversubscribed machine, where a
 multi-millisecond call is likely to be preempted, 1 thread and CPU time give the steady numbers
 (wall time then measures the other tenants). Also
-printed: the three GEMMs of global_to_local fwd+bwd alone (the floor both backends share).
+printed: native global_to_local with its GEMMs forced to ``at::mm`` (``MEGABYTE_NATIVE_GEMM=aten``)
+vs the default engine, and the three GEMMs of global_to_local fwd+bwd alone under each engine:
+most of native's gain on this op is the GEMM engine (oneDNN's AVX-512 sgemm where MKL runs its
+AVX2 one, on AMD CPUs), the rest the fused gather/scatter passes.
 """
 from __future__ import annotations
 
@@ -64,11 +67,42 @@ def _paired(f_ref, f_nat, n):
     return med(tr), med(tn), med(rs)
 
 
-def _gemm_floor():
+def _gemm_floor(engine):
     g = torch.randn(B * T, D_L)  # (B*K*P, D_L)
     x, w = torch.randn(B * T, D_G), torch.randn(D_L, D_G)
+    if engine == "aten":
+        def run():
+            torch.mm(x, w.t()), torch.mm(g, w), torch.mm(g.t(), x)
+    else:
+        lin = torch.ops.mkldnn._linear_pointwise
+
+        def run():
+            lin(x, w, None, "none", [], ""), lin(g, w.t().contiguous(), None, "none", [], "")
+            lin(g.t(), x.t(), None, "none", [], "")
+    return run
+
+
+def _median_time(f, n=20):
+    ts, clock = [], _timer()
+    for _ in range(n):
+        t0 = clock()
+        f()
+        ts.append(clock() - t0)
+    return sorted(ts)[n // 2]
+
+
+def _with_env(f, **env):
     def run():
-        torch.mm(x, w.t()), torch.mm(g, w), torch.mm(g.t(), x)
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return f()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
     return run
 
 
@@ -93,14 +127,19 @@ def report():
             ref, nat, ratio = _paired(RUNS[(what, "reference")], RUNS[(what, "native")], n)
             lines.append(f"  [paired] {what:<36} reference {ref * 1e3:9.3f} ms  native {nat * 1e3:9.3f} ms  "
                          f"ratio {ratio:5.2f}x")
-    if RUNS:
-        floor = _gemm_floor()
-        ts, clock = [], _timer()
-        for _ in range(20):
-            t0 = clock()
-            floor()
-            ts.append(clock() - t0)
-        lines.append(f"  (the 3 GEMMs of global_to_local fwd+bwd alone: {sorted(ts)[10] * 1e3:.3f} ms, in both backends)")
+    g2l = RUNS.get(("op: global_to_local fwd+bwd", "native"))
+    if g2l is not None:
+        # where the global_to_local gain comes from: the fused gather/scatter passes, and the GEMM
+        # engine (MKL through at::mm, or oneDNN; csrc/megabyte_native.cpp says how it is chosen)
+        engine = torch.ops.megabyte_native.gemm_engine(torch.float32, B * T * D_G * D_L)
+        aten, dflt, ratio = _paired(_with_env(g2l, MEGABYTE_NATIVE_GEMM="aten"), g2l, PAIRS["default"])
+        lines.append(f"  [paired] global_to_local native, GEMMs by at::mm {aten * 1e3:9.3f} ms  by {engine} "
+                     f"{dflt * 1e3:9.3f} ms  ratio {ratio:5.2f}x")
+        floors = [f"at::mm {_median_time(_gemm_floor('aten')) * 1e3:.3f} ms"]
+        if engine == "onednn":
+            floors.append(f"oneDNN {_median_time(_gemm_floor('onednn')) * 1e3:.3f} ms")
+        lines.append(f"  (the 3 GEMMs of global_to_local fwd+bwd alone: {', '.join(floors)}; the reference "
+                     f"uses at::mm, native uses {engine} at this size)")
     sys.__stdout__.write("\n".join(lines) + "\n")
 
 

@@ -27,7 +27,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 namespace megabyte_native {
@@ -103,7 +107,61 @@ int64_t column_chunk(int64_t D) {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// ------------------------------------------------------------------------------------------
+// GEMM engine. The global-to-local GEMMs go to a library, never a hand-written loop: ATen's BLAS
+// (at::mm / addmm_, MKL in the x86 wheels) or oneDNN through ATen's own mkldnn operator
+// `mkldnn::_linear_pointwise` (the one inductor's CPU backend calls). On the AMD EPYC (Zen 5,
+// AVX-512) this was developed on, at the demo's GEMMs on 1 thread, MKL's sgemm runs at ~100
+// GFLOP/s (what an AVX2 code path gives: MKL picks its kernels by CPU vendor) and oneDNN's,
+// which picks by instruction set, at ~230 GFLOP/s; benchmarks/bench_native.py prints both.
+// So fp32 GEMMs of at least kOneDnnMinMacs multiply-adds use oneDNN when this torch has the
+// operator; smaller ones, other dtypes and torch builds without it use at::mm. On CPUs where
+// MKL already uses AVX-512 the two are expected to be close (not measured here).
+// MEGABYTE_NATIVE_GEMM=aten forces at::mm (read at every call, so a benchmark can compare).
+// ------------------------------------------------------------------------------------------
+
+struct OneDnn {
+  std::optional<c10::OperatorHandle> linear;
+};
+
+const OneDnn& onednn_ops() {
+  static const OneDnn ops = [] {
+    OneDnn o;
+    auto& d = c10::Dispatcher::singleton();
+    auto lin = d.findOp(c10::OperatorName("mkldnn::_linear_pointwise", ""));
+    if (lin && lin->hasKernelForDispatchKey(c10::DispatchKey::CPU)) o.linear = lin;
+    return o;
+  }();
+  return ops;
+}
+
+// oneDNN costs ~12 us per call (primitive lookup) where MKL costs ~2: below about 2M multiply-adds
+// (measured crossover at D_G=64, D_L=128: M=256 rows) at::mm is faster. Generation (one patch
+// of P rows per call) stays on at::mm.
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;
+
+bool use_onednn(at::ScalarType dtype, int64_t macs) {
+  if (dtype != at::kFloat || macs < kOneDnnMinMacs || !onednn_ops().linear) return false;
+  const char* env = std::getenv("MEGABYTE_NATIVE_GEMM");
+  return env == nullptr || std::strcmp(env, "aten") != 0;
+}
+
+Tensor call_boxed(const c10::OperatorHandle& op, std::vector<c10::IValue> stack) {
+  op.callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+// x (M, K) @ w (N, K)^T (+ bias) -> (M, N), oneDNN (only when use_onednn)
+Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias = std::nullopt) {
+  return call_boxed(*onednn_ops().linear, {x, w, bias ? c10::IValue(*bias) : c10::IValue(), std::string("none"),
+                                           c10::List<std::optional<c10::Scalar>>(), c10::IValue()});
+}
+
 }  // namespace
+
+// The engine a global_to_local GEMM of `macs` multiply-adds in `dtype` uses now: "onednn" or
+// "aten" (for tests and benchmarks).
+std::string gemm_engine(at::ScalarType dtype, int64_t macs) { return use_onednn(dtype, macs) ? "onednn" : "aten"; }
 
 // ------------------------------------------------------------------------------------------
 // patch embedding
@@ -254,31 +312,38 @@ Tensor global_to_local_cpu(const Tensor& global_out, const Tensor& ids_in, const
   const Tensor table = local_table.contiguous();
   const Tensor bs = bias ? bias->contiguous() : Tensor();
   const Tensor lp = local_pad ? local_pad->contiguous() : Tensor();
-  Tensor out = at::empty({B * K, P, D_L}, local_table.options());
   const int64_t* id = ids.const_data_ptr<int64_t>();
+  const bool dnn = use_onednn(local_table.scalar_type(), N * D_G * D_L);
+  // oneDNN: the GEMM (+ bias) writes the output, then one pass adds the embeddings in place;
+  // at::mm: one pass writes embedding (+ bias), then addmm_ (beta = 1) adds the GEMM in place.
+  // Either way the output is the only (B*K*P, D_L) buffer allocated.
+  Tensor out = dnn ? onednn_linear(global_out.reshape({N, D_G}).contiguous(), weight.contiguous(),
+                                   bias ? std::optional<Tensor>(bs) : std::nullopt)
+                   : at::empty({N, D_L}, local_table.options());
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.numel() == N * D_L);
 
-  // 1. the epilogue operand: out[n] = local_table[l_ids[n]] (+ bias)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, table.scalar_type(), "global_to_local_cpu", [&] {
     const scalar_t* tab = table.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = bs.defined() && !dnn ? bs.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pp = lp.defined() ? lp.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, kRowGrain / std::max<int64_t>(D_L, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t n = r0; n < r1; ++n) {
         const int64_t l = local_id(id, n, KP, T, P, pad_id, cross_patch);
         const scalar_t* src = l < 0 ? (pp ? pp : tab + pad_id * D_L) : tab + l * D_L;
-        if (bp) {
-          add_rows(o + n * D_L, src, bp, D_L);
+        scalar_t* row = o + n * D_L;
+        if (dnn) {
+          add_rows(row, row, src, D_L);
+        } else if (bp) {
+          add_rows(row, src, bp, D_L);
         } else {
-          copy_row(o + n * D_L, src, D_L);
+          copy_row(row, src, D_L);
         }
       }
     });
   });
-  // 2. the projection, accumulated onto it by BLAS (beta = 1)
-  Tensor out2d = out.view({N, D_L});
-  out2d.addmm_(global_out.reshape({N, D_G}), weight.t());
-  return out;
+  if (!dnn) out.addmm_(global_out.reshape({N, D_G}), weight.t());  // BLAS, beta = 1
+  return out.view({B * K, P, D_L});
 }
 
 // (d global_out (B, K, P*D_G), d weight (D_L, D_G), d bias (D_L,) or (0,), d local_table (V, D_L),
@@ -292,9 +357,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> global_to_local_backward_cpu(
   TORCH_CHECK_VALUE(grad.numel() == N * D_L, "grad must be (B*K, P, D_L) = (", B * K, ", ", P, ", ", D_L, "), got ",
                     grad.sizes());
   const Tensor g = grad.contiguous().view({N, D_L});
-  // GEMMs through ATen's BLAS
-  Tensor d_x = at::mm(g, weight).view({B, K, P * D_G});
-  Tensor d_w = at::mm(g.t(), global_out.reshape({N, D_G}));
+  const Tensor x = global_out.reshape({N, D_G});
+  // the GEMMs: dX = g @ W, dW = g^T @ X (oneDNN for fp32 when there, else ATen's BLAS)
+  Tensor d_x, d_w;
+  if (use_onednn(grad.scalar_type(), N * D_G * D_L) && weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat) {
+    d_x = onednn_linear(g, weight.t().contiguous());
+    // dW reduces over the rows: as a linear that is g^T (D_L, N) against X^T (D_G, N), which
+    // _linear_pointwise makes contiguous itself (measured no slower than at::mm's TN GEMM plus
+    // no copies, nor than oneDNN's backward-weights primitive on to_mkldnn copies)
+    d_w = onednn_linear(g.t(), x.t());
+  } else {
+    d_x = at::mm(g, weight);
+    d_w = at::mm(g.t(), x);
+  }
+  d_x = d_x.view({B, K, P * D_G});
   // one ordered pass over dOut for the local table, the local pad and the bias
   const auto acc = acc_type(grad.scalar_type());
   const Tensor ga = g.to(acc).contiguous();
@@ -427,6 +503,8 @@ TORCH_LIBRARY(megabyte_native, m) {
   m.def("global_to_local_backward(Tensor grad, Tensor global_out, Tensor ids, Tensor weight, SymInt vocab_size, "
         "int patch_size, int pad_id, bool cross_patch, bool has_bias, bool has_local_pad) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gemm_engine(ScalarType dtype, int macs) -> str",
+        [](at::ScalarType dtype, int64_t macs) { return gemm_engine(dtype, macs); });
 }
 
 TORCH_LIBRARY_IMPL(megabyte_native, CPU, m) {

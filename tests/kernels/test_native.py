@@ -172,6 +172,50 @@ def test_global_to_local_parity(B, T, P, D_G, D_L, bias, local_pad, cross, nonco
         _assert_close(g, r, f * atol, rtol, name)
 
 
+# (B, T, P, D_G, D_L, bias, local_pad, cross_patch, non-contiguous): fp32 GEMMs of >= 2^21
+# multiply-adds, where the op uses oneDNN when this torch has it
+G2L_LARGE_CASES = [
+    (4, 256, 4, 64, 128, True, False, False, False),
+    (3, 301, 8, 40, 72, False, True, True, True),
+    (2, 517, 5, 33, 129, True, True, False, True),
+]
+
+
+@pytest.mark.parametrize("engine", ["onednn", "aten"])
+@pytest.mark.parametrize("B, T, P, D_G, D_L, bias, local_pad, cross, noncontig", G2L_LARGE_CASES)
+def test_global_to_local_parity_gemm_engines(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, engine,
+                                             monkeypatch):
+    """Both GEMM engines (oneDNN, and at::mm with MEGABYTE_NATIVE_GEMM=aten) against the fp64
+    reference, forward and every gradient, at sizes that take the oneDNN path."""
+    K = -(-T // P)
+    macs = B * K * P * D_G * D_L
+    if engine == "aten":
+        monkeypatch.setenv("MEGABYTE_NATIVE_GEMM", "aten")
+    else:
+        monkeypatch.delenv("MEGABYTE_NATIVE_GEMM", raising=False)
+    if engine == "onednn" and torch.ops.megabyte_native.gemm_engine(torch.float32, macs) != "onednn":
+        pytest.skip("this torch has no mkldnn::_linear_pointwise (the op uses at::mm only)")
+    assert torch.ops.megabyte_native.gemm_engine(torch.float32, macs) == engine
+    assert torch.ops.megabyte_native.gemm_engine(torch.float32, 1000) == "aten"  # tiny GEMMs: at::mm
+    V, pad_id = 300, 257
+    ids, x, w, b, table, lp = _g2l_inputs(B, T, P, D_G, D_L, V, bias, local_pad, noncontig)
+    ref_in = [_leaf(t, torch.float64) for t in (x, w, b, table, lp)]
+    ref = reference.global_to_local(ref_in[0], ids, ref_in[1], ref_in[2], ref_in[3], patch_size=P, pad_id=pad_id,
+                                    local_pad=ref_in[4], cross_patch=cross)
+    grad = torch.randn_like(ref)
+    ref_grads = _grads(ref, ref_in, grad)
+    nat_in = [_leaf(t, torch.float32) for t in (x, w, b, table, lp)]
+    out = mk.global_to_local(nat_in[0], ids, nat_in[1], nat_in[2], nat_in[3], patch_size=P, pad_id=pad_id,
+                             local_pad=nat_in[4], cross_patch=cross, backend="native")
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    nat_grads = _grads(out, nat_in, grad.float())
+    _assert_close(out, ref.detach(), 1e-5, 1e-5, "out")
+    names = [n for n, t in zip(("d_x", "d_weight", "d_bias", "d_table", "d_local_pad"), (x, w, b, table, lp))
+             if t is not None]
+    for name, g, r in zip(names, nat_grads, ref_grads):
+        _assert_close(g, r, 1e-5, 1e-5, name)
+
+
 def test_global_to_local_matches_reference_fp32_in_model_sizes():
     """At the demo's sizes native and reference agree to fp32 rounding (what the model sees)."""
     ids, x, w, b, table, _ = _g2l_inputs(4, 256, 4, 64, 128, 512, True, False, False)
