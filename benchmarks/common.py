@@ -18,6 +18,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class SkipSuite(Exception):
+    """Raised by a benchmark module's ``run()`` that does not apply to the device asked for:
+    ``benchmarks/run.py`` records the message as the suite's note, not as an error."""
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -111,9 +111,13 @@ def run_module_suite(name: str, module: str, device: str, quick: bool) -> dict:
     fn = getattr(mod, "run", None)
     if fn is None:
         return {"rows": [], "note": f"{module} has no run(device, quick) (a pytest-benchmark file): skipped"}
+    from benchmarks.common import SkipSuite
+
     try:
         rows = fn(device, quick)
         return {"rows": [dict(r) for r in rows]}
+    except SkipSuite as e:
+        return {"rows": [], "note": f"skipped: {e}"}
     except Exception as e:  # noqa: BLE001
         return {"rows": [], "error": f"{type(e).__name__}: {str(e).strip()[:500]}",
                 "traceback": traceback.format_exc()[-2000:]}

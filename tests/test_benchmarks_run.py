@@ -34,3 +34,23 @@ def test_benchmarks_run_smoke(tmp_path):
     assert "speed_vs_megabyte[reference]" in rows["gpt2-sdpa"]
     assert "--original" in rows["original"]["skipped"]
     assert "| megabyte[reference] |" in js.with_suffix(".md").read_text()
+
+
+def test_native_suite_rows_and_cuda_skip():
+    """The native suite's run() gives a reference and a native row per case (native's ratio
+    finite and positive), and on a CUDA device a skip note, not an error."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import run_module_suite
+
+    res = run_module_suite("native", "benchmarks.bench_native", "cpu", True)
+    assert "error" not in res, res.get("error")
+    cases = {}
+    for r in res["rows"]:
+        cases.setdefault(r["op"], {})[r["impl"]] = r
+    assert len(cases) == 5
+    for op, impls in cases.items():
+        assert {"reference", "native"} <= set(impls), op
+        ratio = impls["native"]["ratio_vs_reference"]
+        assert ratio > 0 and impls["native"]["ms"] > 0 and impls["reference"]["ms"] > 0, (op, impls)
+    skipped = run_module_suite("native", "benchmarks.bench_native", "cuda", True)
+    assert skipped["rows"] == [] and "CPU ops" in skipped["note"] and "error" not in skipped
