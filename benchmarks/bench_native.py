@@ -207,7 +207,7 @@ CASES = [
 # benchmarks/run.py entry
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
-    """Rows: case, impl (reference / native / native with at::mm GEMMs), ms (median of the paired
+    """Rows: case, impl (reference / native / native with at::mm GEMMs), shape, dtype, ms (median of the paired
     runs, wall clock, torch's thread count), ratio_vs_reference (median of per-pair ratios)."""
     if torch.device(device).type != "cpu":
         from benchmarks.common import SkipSuite
@@ -221,15 +221,16 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         for _ in range(1 if key.startswith("step") else 5):  # warm-up: allocator, oneDNN primitive cache
             ref_fn(), nat_fn()
         ref, nat, ratio = _paired(ref_fn, nat_fn, n)
-        rows.append({"op": key, "impl": "reference", "shape": shape, "dtype": "float32", "ms": ref * 1e3,
+        case = key.split(": ", 1)[1]
+        rows.append({"case": case, "impl": "reference", "shape": shape, "dtype": "float32", "ms": ref * 1e3,
                      "ratio_vs_reference": 1.0})
-        rows.append({"op": key, "impl": "native", "shape": shape, "dtype": "float32", "ms": nat * 1e3,
+        rows.append({"case": case, "impl": "native", "shape": shape, "dtype": "float32", "ms": nat * 1e3,
                      "ratio_vs_reference": ratio})
         if key == "op: global_to_local fwd+bwd":
             engine = torch.ops.megabyte_native.gemm_engine(torch.float32, B * T * D_G * D_L)
             if engine != "aten":  # the same op with its GEMMs on at::mm: what the engine is worth
                 ref, nat_aten, ratio = _paired(ref_fn, _with_env(nat_fn, MEGABYTE_NATIVE_GEMM="aten"), n)
-                rows.append({"op": key, "impl": "native (GEMMs by at::mm)", "shape": shape, "dtype": "float32",
+                rows.append({"case": case, "impl": "native (GEMMs by at::mm)", "shape": shape, "dtype": "float32",
                              "ms": nat_aten * 1e3, "ratio_vs_reference": ratio})
     return rows
 

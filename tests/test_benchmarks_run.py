@@ -46,7 +46,7 @@ def test_native_suite_rows_and_cuda_skip():
     assert "error" not in res, res.get("error")
     cases = {}
     for r in res["rows"]:
-        cases.setdefault(r["op"], {})[r["impl"]] = r
+        cases.setdefault(r["case"], {})[r["impl"]] = r
     assert len(cases) == 5
     for op, impls in cases.items():
         assert {"reference", "native"} <= set(impls), op
