@@ -16,7 +16,8 @@ kernels and their autograd (C++). This module
   without a compiler ``auto`` falls back to the reference with one warning, and
   ``backend="native"`` raises a clear error).
 
-Set ``MEGABYTE_NATIVE=0`` to never build or use it (``auto`` then means the reference on CPU).
+Set ``MEGABYTE_NATIVE=0`` to never build or use it (``auto`` then means the reference on CPU),
+``MEGABYTE_NATIVE_PREBUILT=0`` to ignore a library built ahead of time.
 """
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ def extra_cflags(portable: bool = False) -> list[str]:
 
 
 def _load_prebuilt() -> bool:
-    """The library ``setup.py`` built next to this file (MEGABYTE_BUILD_NATIVE=1), if it loads."""
+    """The library ``setup.py`` built next to this file (MEGABYTE_BUILD_NATIVE=1), if it loads
+    (``MEGABYTE_NATIVE_PREBUILT=0`` ignores it: the JIT build only)."""
+    if os.environ.get("MEGABYTE_NATIVE_PREBUILT", "1") == "0":
+        return False
     here = os.path.dirname(os.path.abspath(__file__))
     for path in sorted(glob.glob(os.path.join(here, "_megabyte_native*.so"))):
         try:

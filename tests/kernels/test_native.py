@@ -383,7 +383,40 @@ def test_no_compiler_subprocess(tmp_path):
         "    raise AssertionError('native must raise')\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"),
+               MEGABYTE_NATIVE_PREBUILT="0")  # a library built by setup.py would need no compiler
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_setup_py_ahead_of_time_build_loads_without_a_compiler(tmp_path):
+    """``MEGABYTE_BUILD_NATIVE=1`` builds the library with setup.py; a copy of the package with
+    that library next to it (and no csrc/) loads it with no compiler and an empty extensions
+    cache, and its ops run."""
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lib = tmp_path / "lib"
+    env = dict(os.environ, MEGABYTE_BUILD_NATIVE="1")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp",
+                        str(tmp_path / "build")], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (so,) = (lib / "megabyte_kernels").glob("_megabyte_native*.so")
+    shutil.copytree(os.path.join(root, "megabyte_kernels"), tmp_path / "pkg" / "megabyte_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copy(so, tmp_path / "pkg" / "megabyte_kernels")
+    code = ("import torch, megabyte_kernels as mk, megabyte_kernels.native as n\n"
+            "n.load()\n"
+            "assert n._state['how'] == 'prebuilt', n._state\n"
+            "assert mk.__file__.startswith(%r), mk.__file__\n"
+            "out = mk.patch_embed(torch.zeros(1, 8, dtype=torch.long), torch.ones(5, 3), patch_size=4, pad_id=0,\n"
+            "                     backend='native')\n"
+            "assert out.shape == (1, 2, 12)\n"
+            "print('ok')\n") % str(tmp_path / "pkg")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"),
+               PYTHONPATH=str(tmp_path / "pkg"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=str(tmp_path))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
