@@ -13,7 +13,8 @@ A case is a dict::
      "arch": 90, "num_warps": 4, "num_stages": 2}
 
 and its result ``{"ok": bool, "error": str, "shared": bytes of shared memory, "regs": registers
-per thread or None}``.
+per thread or None, "stack": bytes of per-thread stack or None}``. Triton inlines the calls in a
+kernel, so its stack is, in practice, local memory that ptxas spilled registers to: 0, no spills.
 """
 from __future__ import annotations
 
@@ -41,21 +42,22 @@ def compile_cases(cases: list[dict], timeout: float = 900) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _registers(cubin: bytes) -> int | None:
-    """Registers per thread, read from the cubin with cuobjdump (shipped in Triton's wheel)."""
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers per thread, stack bytes per thread), read from the cubin with cuobjdump
+    (shipped in Triton's wheel); (None, None) without it."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         tool = shutil.which("cuobjdump")
     if tool is None:
-        return None
+        return None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+)", out)
-    return int(m.group(1)) if m else None
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
 
 
 def _compile_one(case: dict) -> dict:
@@ -71,7 +73,8 @@ def _compile_one(case: dict) -> dict:
     src = ASTSource(fn, signature=case["signature"], constexprs=case.get("constexprs", {}))
     options = {"num_warps": case.get("num_warps", 4), "num_stages": case.get("num_stages", 2)}
     k = triton.compile(src, target=GPUTarget("cuda", case.get("arch", 90), 32), options=options)
-    return {"ok": True, "error": "", "shared": int(k.metadata.shared), "regs": _registers(k.asm["cubin"])}
+    regs, stack = _resource_usage(k.asm["cubin"])
+    return {"ok": True, "error": "", "shared": int(k.metadata.shared), "regs": regs, "stack": stack}
 
 
 def main() -> None:
@@ -81,7 +84,8 @@ def main() -> None:
         try:
             results.append(_compile_one(case))
         except Exception as e:  # reported per case; the test asserts on it
-            results.append({"ok": False, "error": f"{type(e).__name__}: {e}"[-3000:], "shared": None, "regs": None})
+            results.append({"ok": False, "error": f"{type(e).__name__}: {e}"[-3000:], "shared": None, "regs": None,
+                            "stack": None})
     print(json.dumps(results))
 
 
