@@ -27,8 +27,8 @@ multi-millisecond call is likely to be preempted, 1 thread and CPU time give the
 (wall time then measures the other tenants). Also
 printed: native global_to_local with its GEMMs forced to ``at::mm`` (``MEGABYTE_NATIVE_GEMM=aten``)
 vs the default engine, and the three GEMMs of global_to_local fwd+bwd alone under each engine:
-most of native's gain on this op is the GEMM engine (oneDNN's AVX-512 sgemm where MKL runs its
-AVX2 one, on AMD CPUs), the rest the fused gather/scatter passes.
+on the AMD EPYC this was measured on, most of native's gain on this op is the GEMM engine
+(oneDNN's sgemm about 2x MKL's there, csrc/README.md), the rest the fused gather/scatter passes.
 
 ``run(device, quick)`` (what ``benchmarks/run.py`` calls) times the same closures, paired, and
 returns one row per backend and case (``ratio_vs_reference``: > 1 is faster than the reference).
