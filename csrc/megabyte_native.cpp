@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <utility>
 
 namespace megabyte_native {
 
@@ -107,6 +108,26 @@ int64_t column_chunk(int64_t D) {
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The deterministic scatter-add both backward passes share: grad rows r = 0..rows-1 of width D
+// are added into the accumulator rows targets(r) names, {primary, secondary or nullptr}. Parallel
+// over column chunks; each task walks the rows in order, so every element is a sum in a fixed
+// order, the same for any thread count, with no atomics.
+template <typename scalar_t, typename Targets>
+void ordered_scatter_add(const scalar_t* grad, int64_t rows, int64_t D, const Targets& targets) {
+  const int64_t CW = column_chunk<scalar_t>(D);
+  at::parallel_for(0, ceil_div(D, CW), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t d0 = c * CW, w = std::min(CW, D - d0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* src = grad + r * D + d0;
+        const auto [dst, dst2] = targets(r);
+        add_into(dst + d0, src, w);
+        if (dst2) add_into(dst2 + d0, src, w);
+      }
+    }
+  });
+}
 
 // ------------------------------------------------------------------------------------------
 // GEMM engine. The global-to-local GEMMs go to a library, never a hand-written loop: ATen's BLAS
@@ -243,25 +264,16 @@ std::tuple<Tensor, Tensor, Tensor> patch_embed_backward_cpu(const Tensor& grad, 
     scalar_t* dt = d_table.mutable_data_ptr<scalar_t>();
     scalar_t* dpos = has_pos ? d_pos.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* dpad = has_pad_patch ? d_pad.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t CW = column_chunk<scalar_t>(D);
-    at::parallel_for(0, ceil_div(D, CW), 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t d0 = c * CW, w = std::min(CW, D - d0);
-        for (int64_t b = 0; b < B; ++b) {
-          for (int64_t t = 0; t < KP; ++t) {
-            const scalar_t* src = gp + (b * KP + t) * D + d0;
-            scalar_t* dst;
-            if (t < P) {
-              dst = dpad ? dpad + t * D : dt + pad_id * D;
-            } else {
-              const int64_t s = t - P;
-              dst = dt + (s < T ? id[b * T + s] : pad_id) * D;
-            }
-            add_into(dst + d0, src, w);
-            if (dpos) add_into(dpos + t * D + d0, src, w);
-          }
-        }
+    ordered_scatter_add(gp, B * KP, D, [&](int64_t r) -> std::pair<scalar_t*, scalar_t*> {
+      const int64_t b = r / KP, t = r % KP;
+      scalar_t* dst;
+      if (t < P) {
+        dst = dpad ? dpad + t * D : dt + pad_id * D;
+      } else {
+        const int64_t s = t - P;
+        dst = dt + (s < T ? id[b * T + s] : pad_id) * D;
       }
+      return {dst, dpos ? dpos + t * D : nullptr};
     });
   });
   const auto out_t = grad.scalar_type();
@@ -386,18 +398,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> global_to_local_backward_cpu(
     scalar_t* dt = d_table.mutable_data_ptr<scalar_t>();
     scalar_t* db = has_bias ? d_bias.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* dp = has_local_pad ? d_pad.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t CW = column_chunk<scalar_t>(D_L);
-    at::parallel_for(0, ceil_div(D_L, CW), 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t d0 = c * CW, w = std::min(CW, D_L - d0);
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* src = gp + n * D_L + d0;
-          const int64_t l = local_id(id, n, KP, T, P, pad_id, cross_patch);
-          scalar_t* dst = l < 0 ? (dp ? dp : dt + pad_id * D_L) : dt + l * D_L;
-          add_into(dst + d0, src, w);
-          if (db) add_into(db + d0, src, w);
-        }
-      }
+    ordered_scatter_add(gp, N, D_L, [&](int64_t n) -> std::pair<scalar_t*, scalar_t*> {
+      const int64_t l = local_id(id, n, KP, T, P, pad_id, cross_patch);
+      return {l < 0 ? (dp ? dp : dt + pad_id * D_L) : dt + l * D_L, db};
     });
   });
   const auto out_t = grad.scalar_type();
