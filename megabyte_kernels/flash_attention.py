@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import interpreting
+from .backends import interpreting, prune_pinned
 
 LOG2E = 1.4426950408889634
 
@@ -53,6 +53,19 @@ def _load_tile(X, off, mask, UPCAST: tl.constexpr):
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _split_pid(N, BLOCK: tl.constexpr):
+    """(row block, sequence) of a 1-D launch of cdiv(N, BLOCK) * sequences programs, row blocks
+    fastest (the programs of one sequence run side by side and share its k/v in L2).
+
+    1-D because CUDA caps grid axes y and z at 65,535: B*H sequences on axis 1 fail at launch
+    once B*H > 65,535 (a local model with P > 64 runs this kernel with B*K*H sequences); axis x
+    takes 2^31 - 1."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK)
+    return pid % n_blocks, pid // n_blocks
 
 
 @triton.jit
@@ -127,11 +140,10 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, 
 def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
                       HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_M), B*Hq). Writes o (B, Hq, N, d) and lse2 (B, Hq, N)."""
+    """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes o (B, Hq, N, d) and lse2 (B, Hq, N)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs a contraction of at least 16")
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)  # b * Hq + h
+    pid_m, bh = _split_pid(N, BLOCK_M)  # bh = b * Hq + h
     h, q_base, kv_base = _head_bases(bh, H, G, N, D)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -159,9 +171,8 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
 
 @triton.jit
 def _flash_bwd_preprocess_kernel(O, DO, DELTA, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_M), B*Hq). delta[i] = rowsum(dO[i] * o[i]) in fp32."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid (cdiv(N, BLOCK_M) * B*Hq,). delta[i] = rowsum(dO[i] * o[i]) in fp32."""
+    pid_m, bh = _split_pid(N, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
@@ -206,10 +217,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D, H, G, N_BUCKET,
                            HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_N), B*Hkv). Writes dk, dv (B, Hkv, N, d), summed over the G query heads."""
+    """Grid (cdiv(N, BLOCK_N) * B*Hkv,). Writes dk, dv (B, Hkv, N, d), summed over the G query heads."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "the diagonal must cover whole query blocks")
-    pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)  # b * Hkv + g
+    pid_n, bkv = _split_pid(N, BLOCK_N)  # bkv = b * Hkv + g
     HKV = H // G
     b = bkv // HKV
     g = bkv % HKV
@@ -267,10 +277,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask,
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G, N_BUCKET,
                          HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_M), B*Hq). Writes dq (B, Hq, N, d)."""
+    """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes dq (B, Hq, N, d)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _split_pid(N, BLOCK_M)
     h, q_base, kv_base = _head_bases(bh, H, G, N, D)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -298,9 +307,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G,
 # configs: one pinned config in the interpreter, a small autotune list on the GPU
 # --------------------------------------------------------------------------------------------
 # Interpreter configs keep BLOCK_M != BLOCK_N so the multi-block diagonal paths are exercised.
-INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=16)
-INTERP_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
-INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=16)
+INTERP = {"fwd": dict(BLOCK_M=32, BLOCK_N=16), "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
+          "dq": dict(BLOCK_M=32, BLOCK_N=16)}
 
 
 def pre_block_m(block_d: int) -> int:
@@ -353,10 +361,21 @@ def gpu_configs(kind: str, block_d: int, dtype: torch.dtype) -> list:
     return {"fwd": GPU_FWD, "dkdv": GPU_DKDV, "dq": GPU_DQ}[kind][_d_class(block_d)]
 
 
+def launch_configs(kind: str, block_d: int, dtype: torch.dtype) -> list:
+    """The triton.Config list a launch of ``kind`` tunes over: the interpreter's single config
+    (multi-config autotune fails there), else :func:`gpu_configs`; pinned to its first entry by
+    ``MEGABYTE_PIN_CONFIGS=1`` (:func:`~megabyte_kernels.backends.prune_pinned`)."""
+    if interpreting():
+        return [triton.Config(INTERP[kind], num_warps=4, num_stages=1)]
+    return _cfgs(gpu_configs(kind, block_d, dtype))
+
+
 def _tuned(kernel, kind, block_d, dtype):
-    name = (kernel.__name__, kind, _d_class(block_d), dtype == torch.float32)
+    """The autotuned ``kernel`` for a kind, head-dim class and dtype class (built once)."""
+    name = (kernel.__name__, kind, _d_class(block_d), dtype == torch.float32, interpreting())
     if name not in _TUNED:
-        _TUNED[name] = triton.autotune(configs=_cfgs(gpu_configs(kind, block_d, dtype)), key=_KEY)(kernel)
+        _TUNED[name] = triton.autotune(configs=launch_configs(kind, block_d, dtype), key=_KEY,
+                                       prune_configs_by={"early_config_prune": prune_pinned})(kernel)
     return _TUNED[name]
 
 
@@ -408,11 +427,8 @@ def _launch_fwd(q, k, v, alibi_slopes, scale):
     BLOCK_D = head_dim_block(D)
     args = (q, k, v, o, lse, _slopes_arg(alibi_slopes, q), float(scale), N, D, H, G, _n_bucket(N))
     meta = dict(BLOCK_D=BLOCK_D, **_common(q, alibi_slopes))
-    if interpreting():
-        _flash_fwd_kernel[(triton.cdiv(N, INTERP_FWD["BLOCK_M"]), B * H)](*args, **meta, **INTERP_FWD)
-    else:
-        kern = _tuned(_flash_fwd_kernel, "fwd", BLOCK_D, q.dtype)
-        kern[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*args, **meta)
+    kern = _tuned(_flash_fwd_kernel, "fwd", BLOCK_D, q.dtype)
+    kern[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*args, **meta)
     return o, lse
 
 
@@ -426,19 +442,17 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
     BLOCK_D = head_dim_block(D)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     pre_m = pre_block_m(BLOCK_D)
-    _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m), B * H)](o, do, delta, N, D, BLOCK_M=pre_m, BLOCK_D=BLOCK_D)
+    _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m) * B * H,)](o, do, delta, N, D, BLOCK_M=pre_m,
+                                                                    BLOCK_D=BLOCK_D)
     slopes = _slopes_arg(alibi_slopes, q)
     meta = dict(BLOCK_D=BLOCK_D, **_common(q, alibi_slopes))
     tail = (float(scale), N, D, H, G, _n_bucket(N))
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, slopes) + tail
     dq_args = (q, k, v, do, lse, delta, dq, slopes) + tail
-    if interpreting():
-        _flash_bwd_dkdv_kernel[(triton.cdiv(N, INTERP_DKDV["BLOCK_N"]), B * HKV)](*dkdv_args, **meta, **INTERP_DKDV)
-        _flash_bwd_dq_kernel[(triton.cdiv(N, INTERP_DQ["BLOCK_M"]), B * H)](*dq_args, **meta, **INTERP_DQ)
-    else:
-        _tuned(_flash_bwd_dkdv_kernel, "dkdv", BLOCK_D, q.dtype)[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * HKV)](
-            *dkdv_args, **meta)
-        _tuned(_flash_bwd_dq_kernel, "dq", BLOCK_D, q.dtype)[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*dq_args, **meta)
+    dkdv = _tuned(_flash_bwd_dkdv_kernel, "dkdv", BLOCK_D, q.dtype)
+    dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * HKV,)](*dkdv_args, **meta)
+    dq_kernel = _tuned(_flash_bwd_dq_kernel, "dq", BLOCK_D, q.dtype)
+    dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*dq_args, **meta)
     return dq, dk, dv
 
 

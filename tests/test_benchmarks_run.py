@@ -36,6 +36,7 @@ def test_benchmarks_run_smoke(tmp_path):
     assert "| megabyte[reference] |" in js.with_suffix(".md").read_text()
 
 
+@pytest.mark.native
 def test_native_suite_rows_and_cuda_skip():
     """The native suite's run() gives a reference and a native row per case (native's ratio
     finite and positive), and on a CUDA device a skip note, not an error."""

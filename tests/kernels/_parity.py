@@ -7,15 +7,11 @@ import importlib
 import pytest
 import torch
 
-from megabyte_kernels.backends import interpreting
+from tests._device import DEVICE, needs_triton_path  # noqa: F401  (re-exported for the op tests)
 
 # the package re-exports the functions under the modules' names: fetch the modules themselves
 pe_mod = importlib.import_module("megabyte_kernels.patch_embed")
 g2l_mod = importlib.import_module("megabyte_kernels.global_to_local")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton_path = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(),
-                                       reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)

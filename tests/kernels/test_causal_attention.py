@@ -15,6 +15,7 @@ import torch
 
 from megabyte_kernels import attention, reference
 from megabyte_kernels.attention import causal_attention, flash_attention, local_attention
+from tests._device import DEVICE, needs_triton_path
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -48,18 +49,21 @@ LOCAL_SHAPES = [
 
 
 def _make(B, Hq, Hkv, N, d, contiguous, dtype, seed=0):
+    """q, k, v (leaves or views of leaves that require grad), dO and ALiBi slopes on DEVICE.
+    Non-contiguous cases transpose after the device and dtype conversion."""
     g = torch.Generator().manual_seed(seed)
 
     def t(H):
         if contiguous:
-            x = torch.randn(B, H, N, d, generator=g)
-        else:  # (B, N, H, d) storage seen as (B, H, N, d): non-contiguous
-            x = torch.randn(B, N, H, d, generator=g).transpose(1, 2)
-        return x.to(dtype).requires_grad_()
+            return torch.randn(B, H, N, d, generator=g).to(DEVICE, dtype).requires_grad_()
+        # (B, N, H, d) storage seen as (B, H, N, d): non-contiguous
+        x = torch.randn(B, N, H, d, generator=g).to(DEVICE, dtype).requires_grad_().transpose(1, 2)
+        assert not x.is_contiguous() or H == 1 or N == 1
+        return x
 
     q, k, v = t(Hq), t(Hkv), t(Hkv)
-    do = torch.randn(B, Hq, N, d, generator=g).to(dtype)
-    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / Hq) for h in range(Hq)])
+    do = torch.randn(B, Hq, N, d, generator=g).to(DEVICE, dtype)
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / Hq) for h in range(Hq)], device=DEVICE)
     return q, k, v, do, slopes
 
 
@@ -104,6 +108,7 @@ def _check_parity(fn, shape, alibi, dtype, floor, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # tier 2: interpreter parity
 # --------------------------------------------------------------------------------------------
+@needs_triton_path
 @pytest.mark.parametrize("dtype,floor", DTYPES)
 @pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
 @pytest.mark.parametrize("shape", FLASH_SHAPES, ids=lambda s: "B{}_Hq{}_Hkv{}_N{}_d{}_{}".format(
@@ -112,6 +117,7 @@ def test_flash_parity(shape, alibi, dtype, floor, monkeypatch):
     _check_parity(flash_attention, shape, alibi, dtype, floor, monkeypatch)
 
 
+@needs_triton_path
 @pytest.mark.parametrize("dtype,floor", DTYPES)
 @pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
 @pytest.mark.parametrize("shape", LOCAL_SHAPES, ids=lambda s: "BK{}_Hq{}_Hkv{}_P{}_d{}_{}".format(
@@ -120,12 +126,14 @@ def test_local_parity(shape, alibi, dtype, floor, monkeypatch):
     _check_parity(local_attention, shape, alibi, dtype, floor, monkeypatch)
 
 
+@needs_triton_path
 @pytest.mark.parametrize("dtype,floor", [BF16])
 @pytest.mark.parametrize("family,shape", [("flash", (1, 4, 2, 40, 48, False)), ("local", (5, 4, 1, 8, 64, False))])
 def test_bf16_indexing(family, shape, dtype, floor, monkeypatch):
     _check_parity(FAMILIES[family], shape, True, dtype, floor, monkeypatch)
 
 
+@needs_triton_path
 @pytest.mark.parametrize("N,family", [(8, "local"), (64, "local"), (65, "flash")])
 def test_backend_triton_picks_family_by_length(N, family, monkeypatch):
     import megabyte_kernels.flash_attention as fa_mod
@@ -143,22 +151,33 @@ def test_backend_triton_picks_family_by_length(N, family, monkeypatch):
     assert (o.double() - ref).abs().max().item() < 1e-5
 
 
+@needs_triton_path
 def test_triton_rejects_bad_input():
-    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    randn = lambda *shape, dtype=torch.float32: torch.randn(*shape, dtype=dtype, device=DEVICE)  # noqa: E731
+    q = randn(1, 2, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         causal_attention(q, q, q, backend="triton")
-    q = torch.randn(1, 2, 200, 16)
+    q = randn(1, 2, 200, 16)
     with pytest.raises(ValueError, match="N must be <= 128"):
         local_attention(q, q, q)
     with pytest.raises(ValueError, match="head dims up to 256"):
-        flash_attention(*(torch.randn(1, 1, 4, 320),) * 3)
+        flash_attention(*(randn(1, 1, 4, 320),) * 3)
     with pytest.raises(ValueError, match="multiple"):
-        flash_attention(torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+        flash_attention(randn(1, 3, 8, 16), randn(1, 2, 8, 16), randn(1, 2, 8, 16))
+
+
+def test_triton_rejects_cpu_tensors_without_the_interpreter(monkeypatch):
+    """Without CUDA tensors and without TRITON_INTERPRET the Triton path says so (no launch)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        causal_attention(q, q, q, backend="triton")
 
 
 # --------------------------------------------------------------------------------------------
 # custom ops: opcheck and torch.compile
 # --------------------------------------------------------------------------------------------
+@needs_triton_path
 @pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
 def test_opcheck(alibi):
     # the custom ops register when their modules are imported (causal_attention imports them lazily)
@@ -178,6 +197,7 @@ def test_opcheck(alibi):
     torch.library.opcheck(ops.local_attn_bwd.default, (dol, ql.detach(), kl.detach(), vl.detach(), sl, 0.25))
 
 
+@needs_triton_path
 def test_torch_compile():
     q, k, v, do, slopes = _make(1, 2, 1, 70, 16, True, torch.float32)
 
@@ -189,6 +209,85 @@ def test_torch_compile():
     got_o, got_g = _grads(torch.compile(f, fullgraph=True), q, k, v, do)
     for a, b in zip([ref_o] + ref_g, [got_o] + got_g):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# launch grids against CUDA's limits (the interpreter enforces none)
+# --------------------------------------------------------------------------------------------
+# CUDA: grid x up to 2^31 - 1 blocks, y and z up to 65,535
+CUDA_GRID_MAX = (2 ** 31 - 1, 65535, 65535)
+
+
+class _Recorder:
+    """Stands in for a (possibly autotuned) kernel: ``kernel[grid](*args, **meta)`` records the
+    launch and runs nothing. ``configs`` is the GPU autotune list the grid is evaluated over."""
+
+    def __init__(self, name, launches, configs=None):
+        self.name, self.launches, self.configs = name, launches, configs
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((self.name, grid, self.configs, meta))
+
+
+def _grids(grid, configs, meta):
+    """Every grid a launch can take: one per config of its autotune list (a grid callable gets
+    the launch's meta-parameters plus the config's), or the fixed grid."""
+    if not callable(grid):
+        return [(dict(meta), tuple(grid))]
+    return [({**meta, **c.kwargs}, tuple(grid({**meta, **c.kwargs}))) for c in configs]
+
+
+def _assert_within_cuda_limits(launches):
+    assert launches
+    for name, grid, configs, meta in launches:
+        for m, g in _grids(grid, configs, meta):
+            assert 1 <= len(g) <= 3 and all(n >= 1 for n in g), (name, m, g)
+            over = [(axis, n) for axis, (n, cap) in enumerate(zip(g, CUDA_GRID_MAX)) if n > cap]
+            assert not over, f"{name} with {m}: grid {g} exceeds CUDA's limits {CUDA_GRID_MAX} on axes {over}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("B,Hq,Hkv,N,d", [(70_000, 1, 1, 100, 64), (35_000, 2, 1, 1000, 128),
+                                          (7_000, 10, 5, 65, 256)])
+def test_flash_launch_grids_fit_cuda_limits(B, Hq, Hkv, N, d, dtype, monkeypatch):
+    """B*H >= 70,000 sequences (a local model with P > 64 runs flash attention over B*K*H of
+    them): the real launches of the forward, preprocess, dK/dV and dQ kernels are intercepted
+    and each grid is evaluated for every config of the kernel's GPU autotune list. Meta tensors:
+    nothing is allocated or run."""
+    from megabyte_kernels import flash_attention as fa
+
+    launches = []
+    monkeypatch.setattr(fa, "_tuned", lambda kernel, kind, block_d, dt: _Recorder(
+        kernel.__name__, launches, fa._cfgs(fa.gpu_configs(kind, block_d, dt))))
+    monkeypatch.setattr(fa, "_flash_bwd_preprocess_kernel", _Recorder("_flash_bwd_preprocess_kernel", launches))
+    q = torch.empty(B, Hq, N, d, device="meta", dtype=dtype)
+    k = torch.empty(B, Hkv, N, d, device="meta", dtype=dtype)
+    o, lse = fa._launch_fwd(q, k, k, None, 0.125)
+    fa._launch_bwd(q, q, k, k, o, lse, None, 0.125)
+    assert [name for name, *_ in launches] == ["_flash_fwd_kernel", "_flash_bwd_preprocess_kernel",
+                                               "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"]
+    _assert_within_cuda_limits(launches)
+    # and the programs cover every (row block, sequence): cdiv(N, BLOCK) * sequences of them
+    for name, grid, configs, meta in launches:
+        seqs = B * Hkv if "dkdv" in name else B * Hq
+        for m, g in _grids(grid, configs, meta):
+            block = m["BLOCK_N"] if "dkdv" in name else m["BLOCK_M"]
+            assert g[0] * (g[1] if len(g) > 1 else 1) == -(-N // block) * seqs, (name, m, g)
+
+
+def test_local_launch_grids_fit_cuda_limits(monkeypatch):
+    """The packed local kernels at 2^22 sequences of P = 8: a 1-D grid within CUDA's limits."""
+    from megabyte_kernels import local_attention as la
+
+    launches = []
+    for name in ("_local_fwd_kernel", "_local_bwd_kernel"):
+        monkeypatch.setattr(la, name, _Recorder(name, launches))
+    q = torch.empty(1 << 20, 4, 8, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(1 << 20, 1, 8, 64, device="meta", dtype=torch.bfloat16)
+    la._launch_fwd(q, k, k, None, 0.125)
+    la._launch_bwd(q, q, k, k, None, 0.125)
+    assert len(launches) == 2
+    _assert_within_cuda_limits(launches)
 
 
 # --------------------------------------------------------------------------------------------

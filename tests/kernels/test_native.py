@@ -20,6 +20,9 @@ from megabyte_kernels.backends import resolve_backend
 from megabyte_kernels.global_to_local import IMPLS as G2L_IMPLS
 from megabyte_kernels.patch_embed import IMPLS as PE_IMPLS
 
+# CPU only, and it needs ninja and a C++ compiler: gpu-check deselects it (-m "not native")
+pytestmark = pytest.mark.native
+
 
 @pytest.fixture(scope="module", autouse=True)
 def built():

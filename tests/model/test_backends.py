@@ -23,6 +23,7 @@ from megabyte_kernels import attention as _attn
 # the op modules' backend tables (the package's function names shadow two of the submodules)
 from megabyte_kernels.global_to_local import IMPLS as _G2L_IMPLS
 from megabyte_kernels.patch_embed import IMPLS as _PE_IMPLS
+from tests._device import DEVICE, TRITON_RUNS
 
 HAS_CUDA = torch.cuda.is_available()
 OP_TABLES = {"patch_embed": _PE_IMPLS, "global_to_local": _G2L_IMPLS, "causal_attention": _attn.IMPLS}
@@ -39,20 +40,30 @@ SHAPES = {
 }
 
 
-def _backends() -> list[str]:
+def _backends() -> list:
     """auto + every backend some op's table holds once the package is imported (the native ops
     enter the tables when ``megabyte_kernels.native`` is imported; this file does not import it,
-    so that ``auto`` means the same in every test of a session)."""
+    so that ``auto`` means the same in every test of a session). ``native`` is marked: it
+    needs a C++ compiler, and the GPU step leaves it out."""
     names = set()
     for table in OP_TABLES.values():
         names |= set(table)
-    return ["auto"] + sorted(names - {"reference"})
+    return ["auto"] + [pytest.param(n, marks=pytest.mark.native) if n == "native" else n
+                       for n in sorted(names - {"reference"})]
+
+
+def _device(backend: str) -> str:
+    """Where a CPU-tier parity test runs ``backend``: the Triton kernels on DEVICE (CUDA
+    tensors on a GPU machine, the interpreter elsewhere), every other backend on the CPU."""
+    return DEVICE if backend == "triton" else "cpu"
 
 
 def _skip_reason(backend: str) -> str | None:
     """Why the model cannot run on ``backend`` here yet (None when it can)."""
     if backend == "auto":
         return None
+    if backend == "triton" and not TRITON_RUNS:
+        return "the Triton path needs CUDA or TRITON_INTERPRET=1 (and the triton package)"
     missing = [op for op, table in OP_TABLES.items() if backend not in table]
     if missing:
         return f"backend {backend!r} has no implementation of {missing} yet"
@@ -130,14 +141,14 @@ def test_backend_parity_cpu(backend, shape, dtype, floor):
     if reason:
         pytest.skip(reason)
     overrides, T = SHAPES[shape]
-    _check_backend_parity(overrides, T, backend, dtype, floor)
+    _check_backend_parity(overrides, T, backend, dtype, floor, device=_device(backend))
 
 
 def test_triton_parity_under_autocast_fp16_interpreter():
     """fp32 parameters, fp16 autocast: the Triton ops take the autocast activations."""
     if _skip_reason("triton"):
         pytest.skip(_skip_reason("triton"))
-    _check_backend_parity({}, 18, "triton", torch.float32, 2e-3, autocast=torch.float16)
+    _check_backend_parity({}, 18, "triton", torch.float32, 2e-3, device=DEVICE, autocast=torch.float16)
 
 
 @pytest.mark.parametrize("which", [(True, False), (False, True)], ids=["global", "local"])
@@ -146,9 +157,9 @@ def test_activation_checkpointing_with_triton_interpreter(which):
     gradients as keeping the activations."""
     if _skip_reason("triton"):
         pytest.skip(_skip_reason("triton"))
-    ids = _ids(18)
-    want = _run(_make({}, "triton", torch.float32).train(), ids)
-    model = _make({}, "triton", torch.float32).train()
+    ids = _ids(18, device=DEVICE)
+    want = _run(_make({}, "triton", torch.float32, DEVICE).train(), ids)
+    model = _make({}, "triton", torch.float32, DEVICE).train()
     model.set_checkpointing(*which)
     got = _run(model, ids)
     torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
