@@ -9,8 +9,8 @@ from . import reference
 from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, check_same_device,
                         check_same_dtype, check_shape, num_patches)
 from ._triton_compat import tl, triton
-from .backends import interpreting, resolve_backend
-from .patch_embed import (_alloc, _configs, _dot_precision, _onehot_grad, _prune_under_pytest, _sum_leading,
+from .backends import interpreting, prune_pinned, resolve_backend
+from .patch_embed import (_alloc, _configs, _dot_precision, _onehot_grad, _sum_leading,
                           _upcast)
 
 IMPLS = {"reference": reference.global_to_local}
@@ -100,7 +100,9 @@ def _shifted_local_id(Ids, m, T, KP, P, pad_id, V, stride_ib, stride_it, mask,
         shifted_in = (t % P) == 0
     src = t - 1
     valid = mask & ~shifted_in & (src < T)  # bytes past T are right padding: pad_id
-    lid = tl.load(Ids + b * stride_ib + src * stride_it, mask=valid, other=pad_id).to(tl.int64)
+    # widen, then select the pad: other=pad_id would be cast to the ids' dtype (uint8: 300 -> 44)
+    lid = tl.load(Ids + b * stride_ib + src * stride_it, mask=valid, other=0).to(tl.int64)
+    lid = tl.where(valid, lid, pad_id)
     if HAS_LOCAL_PAD:
         lid = tl.where(shifted_in, V, lid)
     return lid
@@ -120,10 +122,10 @@ MATMUL_CONFIGS_32 = _gemm_configs(((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64,
 
 def _prune_by_dtype(configs, named_args, **kwargs):
     """Keep the configs made for the operands' width (the interpreter's single one stays), then
-    pin the first while pytest runs a test."""
+    the first alone when configs are pinned (``MEGABYTE_PIN_CONFIGS=1``)."""
     want = MATMUL_CONFIGS_32 if named_args["A"].dtype == torch.float32 else MATMUL_CONFIGS_16
     kept = [c for c in configs if any(c is w for w in want)] or configs
-    return _prune_under_pytest(kept, named_args, **kwargs)
+    return prune_pinned(kept, named_args, **kwargs)
 
 
 @triton.autotune(

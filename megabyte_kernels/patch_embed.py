@@ -1,7 +1,6 @@
 """Fused op 1: patch embedding (shift by one patch, gather, position add, patch layout)."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -10,7 +9,7 @@ from . import reference
 from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, check_same_device,
                         check_same_dtype, check_shape, num_patches)
 from ._triton_compat import tl, triton
-from .backends import interpreting, resolve_backend
+from .backends import interpreting, prune_pinned, resolve_backend
 
 IMPLS = {"reference": reference.patch_embed}
 
@@ -90,14 +89,9 @@ def _alloc(shape, dtype, device):
 def _configs(full: list, interpreter: "triton.Config") -> list:
     """Autotune configs: one small config in the interpreter (multi-config autotune fails there,
     and each executed tl op costs the same whatever the tile), else the full GPU list, which
-    :func:`_prune_under_pytest` cuts to its first config while a test runs."""
+    :func:`~megabyte_kernels.backends.prune_pinned` cuts to its first config when configs are
+    pinned (``MEGABYTE_PIN_CONFIGS=1``: the test suite, gpu-check's smoke stage)."""
     return [interpreter] if interpreting() else full
-
-
-def _prune_under_pytest(configs: list, named_args: dict, **kwargs) -> list:
-    """``early_config_prune``: a single pinned config while pytest runs a test (reproducible,
-    no tuning time); decided per launch, so benchmarks that merely import pytest still tune."""
-    return configs[:1] if "PYTEST_CURRENT_TEST" in os.environ else configs
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -114,11 +108,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _shifted_global_id(Ids, b, t, T, stride_ib, stride_it, P, pad_id, mask):
-    """g_ids[b, t] = ids[b, t - P] for P <= t < T + P, else pad_id (shift + right padding)."""
+    """g_ids[b, t] = ids[b, t - P] for P <= t < T + P, else pad_id (shift + right padding).
+
+    The pad is selected after widening: ``tl.load(..., other=pad_id)`` would cast pad_id to the
+    ids' dtype (uint8 ids with pad_id = 300 would read 44)."""
     src = t - P
     valid = mask & (src >= 0) & (src < T)
-    g = tl.load(Ids + b * stride_ib + src * stride_it, mask=valid, other=pad_id)
-    return g.to(tl.int64)
+    g = tl.load(Ids + b * stride_ib + src * stride_it, mask=valid, other=0).to(tl.int64)
+    return tl.where(valid, g, pad_id)
 
 
 # GPU configs of the forward (memory-bound: rows x columns per program); compiled by the aot tests
@@ -129,7 +126,7 @@ FWD_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_D": d}, num_warps=w)
 @triton.autotune(
     configs=_configs(FWD_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=4)),
     key=["D", "HAS_POS", "HAS_PAD_PATCH"],
-    prune_configs_by={"early_config_prune": _prune_under_pytest},
+    prune_configs_by={"early_config_prune": prune_pinned},
 )
 @triton.jit
 def _patch_embed_fwd_kernel(

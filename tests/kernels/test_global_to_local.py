@@ -28,23 +28,26 @@ DTYPES = [
 
 
 def make_inputs(B, T, P, D_G, D_L, V, *, bias, local_pad, dtype, noncontig=False, seed=0):
+    """ids, global_out, weight, bias, local table, local pad on DEVICE; the float tensors are
+    leaves (or views of leaves) that require grad. Non-contiguous cases slice and transpose
+    *after* the device and dtype conversion: ``.to()`` of a sliced tensor returns a contiguous copy."""
     gen = torch.Generator().manual_seed(seed)
     K = -(-T // P)
+    to = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()  # noqa: E731
     if noncontig:  # sliced ids, strided global output, transposed weight and table
-        ids = torch.randint(0, V, (B, 2 * T), generator=gen)[:, 1::2]
-        x = torch.randn(B, K, 2 * P * D_G, generator=gen)[:, :, ::2]
-        w = torch.randn(D_G, D_L, generator=gen).t()
-        table = torch.randn(D_L, V, generator=gen).t()
+        ids = torch.randint(0, V, (B, 2 * T), generator=gen).to(DEVICE)[:, 1::2]
+        x = to(torch.randn(B, K, 2 * P * D_G, generator=gen))[:, :, ::2]
+        w = to(torch.randn(D_G, D_L, generator=gen) * D_G ** -0.5).t()
+        table = to(torch.randn(D_L, V, generator=gen)).t()
+        assert not any(t.is_contiguous() for t in (ids, x, w, table))
     else:
-        ids = torch.randint(0, V, (B, T), generator=gen)
-        x = torch.randn(B, K, P * D_G, generator=gen)
-        w = torch.randn(D_L, D_G, generator=gen)
-        table = torch.randn(V, D_L, generator=gen)
-    w = w * D_G ** -0.5
+        ids = torch.randint(0, V, (B, T), generator=gen).to(DEVICE)
+        x = to(torch.randn(B, K, P * D_G, generator=gen))
+        w = to(torch.randn(D_L, D_G, generator=gen) * D_G ** -0.5)
+        table = to(torch.randn(V, D_L, generator=gen))
     b = torch.randn(D_L, generator=gen) if bias else None
     lp = torch.randn(D_L, generator=gen) if local_pad else None
-    to = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()  # noqa: E731
-    return ids.to(DEVICE), to(x), to(w), to(b), to(table), to(lp)
+    return ids, x, w, to(b), table, to(lp)
 
 
 # (B, T, P, D_G, D_L, bias, local_pad, cross_patch, non-contiguous)
@@ -105,6 +108,26 @@ def test_narrow_id_dtypes(ids_dtype):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for g, rg in zip(torch.autograd.grad(out, params, torch.ones_like(out)),
                      torch.autograd.grad(ref, params, torch.ones_like(ref))):
+        torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-5)
+
+
+@needs_triton_path
+@pytest.mark.parametrize("ids_dtype", [torch.uint8])
+@pytest.mark.parametrize("cross", [False, True], ids=["in_patch", "cross_patch"])
+def test_pad_id_outside_the_ids_dtype(ids_dtype, cross):
+    """V=512, pad_id=300 with 8-bit ids: the shifted-in and right-padding slots take row 300.
+
+    ``tl.load(..., other=pad_id)`` casts pad_id to the ids' dtype (300 -> 44), so the kernel
+    selects the pad after widening; forward and backward must both use row 300."""
+    V, pad_id = 512, 300
+    ids, x, w, b, table, _ = make_inputs(2, 11, 4, 24, 16, V, bias=True, local_pad=False, dtype=torch.float32)
+    ids = ids % 256
+    params = (x, w, b, table)
+    out = _run(x, ids.to(ids_dtype), w, b, table, None, 4, pad_id, cross, "triton")
+    ref = _run(x, ids, w, b, table, None, 4, pad_id, cross, "reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    for g, rg in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
         torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-5)
 
 

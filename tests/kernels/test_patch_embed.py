@@ -25,18 +25,22 @@ DTYPES = [
 
 
 def make_inputs(B, T, P, D, V, *, pos, pad_patch, dtype, noncontig=False, seed=0):
+    """ids, token table, position table, pad patch on DEVICE; the tables are leaves (or views of
+    leaves) that require grad. Non-contiguous cases slice and transpose *after* the device and
+    dtype conversion: ``.to()`` of a sliced tensor returns a contiguous copy."""
     gen = torch.Generator().manual_seed(seed)
+    to = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()  # noqa: E731
     if noncontig:  # sliced ids, transposed table
-        ids = torch.randint(0, V, (B, 2 * T), generator=gen)[:, ::2]
-        table = torch.randn(D, V, generator=gen).t()
+        ids = torch.randint(0, V, (B, 2 * T), generator=gen).to(DEVICE)[:, ::2]
+        table = to(torch.randn(D, V, generator=gen)).t()
+        assert not ids.is_contiguous() and not table.is_contiguous()
     else:
-        ids = torch.randint(0, V, (B, T), generator=gen)
-        table = torch.randn(V, D, generator=gen)
+        ids = torch.randint(0, V, (B, T), generator=gen).to(DEVICE)
+        table = to(torch.randn(V, D, generator=gen))
     K = -(-T // P)
     pos_t = torch.randn(K * P + 5, D, generator=gen) if pos else None
     pad_t = torch.randn(P, D, generator=gen) if pad_patch else None
-    to = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()  # noqa: E731
-    return ids.to(DEVICE), to(table), to(pos_t), to(pad_t)
+    return ids, table, to(pos_t), to(pad_t)
 
 
 # (B, T, P, D, pos_table, pad_patch, non-contiguous)
@@ -92,6 +96,24 @@ def test_narrow_id_dtypes(ids_dtype):
     grads = torch.autograd.grad(out, (table, pos_t, pad_t), torch.ones_like(out))
     ref = _run(ids, table, pos_t, pad_t, 4, 3, "reference")
     for g, rg in zip(grads, torch.autograd.grad(ref, (table, pos_t, pad_t), torch.ones_like(ref))):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-6)
+
+
+@needs_triton_path
+@pytest.mark.parametrize("ids_dtype", [torch.uint8])
+def test_pad_id_outside_the_ids_dtype(ids_dtype):
+    """V=512, pad_id=300 with 8-bit ids: the shifted-in and right-padding slots take row 300.
+
+    ``tl.load(..., other=pad_id)`` casts pad_id to the ids' dtype (300 -> 44), so the kernel
+    selects the pad after widening; forward and backward must both use row 300."""
+    V, pad_id = 512, 300
+    ids, table, pos_t, _ = make_inputs(2, 11, 4, 24, V, pos=True, pad_patch=False, dtype=torch.float32)
+    ids = ids % 256
+    out = _run(ids.to(ids_dtype), table, pos_t, None, 4, pad_id, "triton")
+    ref = _run(ids, table, pos_t, None, 4, pad_id, "reference")
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    for g, rg in zip(torch.autograd.grad(out, (table, pos_t), grad), torch.autograd.grad(ref, (table, pos_t), grad)):
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-6)
 
 
