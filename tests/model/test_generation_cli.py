@@ -17,7 +17,7 @@ from .test_model import TINY, make
 
 TRAIN_ARGS = ["--steps", "4", "--seq-len", "32", "--batch-size", "4", "--d-global", "16", "--d-local", "32",
               "--g-layers", "1", "--l-layers", "1", "--g-heads", "2", "--l-heads", "2", "--warmup", "1",
-              "--eval-every", "0", "--log-every", "2", "--sample-bytes", "0", "--threads", "1"]
+              "--eval-every", "0", "--log-every", "2", "--sample-bytes", "0", "--threads", "1", "--device", "cpu"]
 
 
 class Recorder(io.StringIO):

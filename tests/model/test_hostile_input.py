@@ -24,7 +24,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 TINY = ["--steps", "3", "--seq-len", "16", "--batch-size", "2", "--d-global", "8", "--d-local", "16",
         "--g-layers", "1", "--l-layers", "1", "--g-heads", "2", "--l-heads", "2", "--warmup", "1",
         "--eval-every", "0", "--log-every", "1", "--sample-bytes", "8", "--threads", "1",
-        "--backend", "reference", "--time-budget", "0"]
+        "--backend", "reference", "--time-budget", "0", "--device", "cpu"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def test_train_cli_at_t_65536(tmp_path, capsys):
                  "--steps", "2", "--patch-size", "16", "--d-global", "8", "--d-local", "16", "--g-layers", "1",
                  "--l-layers", "1", "--g-heads", "2", "--l-heads", "2", "--warmup", "1", "--eval-every", "0",
                  "--log-every", "1", "--sample-bytes", "0", "--threads", "1", "--backend", "reference",
-                 "--time-budget", "0", "--loss-chunk", "4096", "--checkpointing", "--heldout-frac", "0.1"]) == 0
+                 "--time-budget", "0", "--loss-chunk", "4096", "--checkpointing", "--heldout-frac", "0.1",
+                 "--device", "cpu"]) == 0
     capsys.readouterr()
     final = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
     assert final["steps"] == 2 and final["train_bytes_seen"] == 2 * 65_536
@@ -112,7 +113,7 @@ def test_bf16_autocast_with_the_chunked_loss_trains(tmp_path, capsys):
                  "--steps", "4", "--d-global", "16", "--d-local", "32", "--g-layers", "1", "--l-layers", "1",
                  "--g-heads", "2", "--l-heads", "2", "--warmup", "1", "--eval-every", "2", "--log-every", "1",
                  "--sample-bytes", "4", "--threads", "1", "--backend", "reference", "--time-budget", "0",
-                 "--precision", "bf16", "--loss-chunk", "50"]) == 0
+                 "--precision", "bf16", "--loss-chunk", "50", "--device", "cpu"]) == 0
     assert "bf16 autocast" in capsys.readouterr().out
     recs = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert recs[0]["precision"] == "bf16"

@@ -23,7 +23,8 @@ STEPS = 40
 ARGS = ["--steps", str(STEPS), "--seq-len", "64", "--batch-size", "8", "--d-global", "16", "--d-local", "32",
         "--g-layers", "1", "--l-layers", "1", "--g-heads", "2", "--l-heads", "2", "--warmup", "5",
         "--eval-every", "15", "--log-every", "5", "--sample-bytes", "0", "--threads", "1",
-        "--backend", "reference", "--time-budget", "0", "--lr", "3e-3"]
+        "--backend", "reference", "--time-budget", "0", "--lr", "3e-3",
+        "--device", "cpu"]  # CPU tier: bitwise resume of the pipeline, not of a GPU's kernels
 
 
 @pytest.fixture(scope="module")
