@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ["--steps", "20", "--seq-len", "32", "--batch-size", "4", "--d-global", "16", "--d-local", "32",
               "--g-layers", "1", "--l-layers", "1", "--g-heads", "2", "--l-heads", "2", "--warmup", "5",
               "--eval-every", "10", "--log-every", "5", "--sample-bytes", "40", "--threads", "1",
-              "--backend", "reference", "--device", "cpu"]  # the pipeline under test, not the kernels
+              "--backend", "reference", "--device", "cpu",  # the pipeline under test, not the kernels
+              "--time-budget", "0"]  # a schedule by steps alone: the same run however loaded the machine is
 
 
 def _write_corpus(folder: Path, n_files: int = 12, size: int = 600) -> Path:
