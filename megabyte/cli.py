@@ -5,7 +5,7 @@ interpreter's standard library (no download) and prints held-out bits per byte n
 order-0, ``gzip -9`` and ``lzma`` baselines. ``megabyte eval --checkpoint DIR`` scores a
 checkpoint (``--strided``: the paper's two passes offset by P/2, :mod:`megabyte.evaluate`).
 ``megabyte generate --checkpoint DIR --prompt TEXT`` streams sampled bytes to stdout
-(:func:`megabyte.generation.run_generate`). Each subcommand is a function ``add_<name>_parser(subparsers)`` plus a handler, so a
+(:func:`megabyte.sample.run_generate`). Each subcommand is a function ``add_<name>_parser(subparsers)`` plus a handler, so a
 later one (``generate``) slots in the same way.
 """
 from __future__ import annotations
@@ -184,13 +184,13 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    from .train import run_eval
+    from .evaluate import run_eval
     run_eval(a)
     return 0
 
 
 def _cmd_generate(a) -> int:
-    from .generation import run_generate
+    from .sample import run_generate
     return run_generate(a)
 
 
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # errors of ours that carry a message for the user, not a traceback
         from .checkpoint import CheckpointError
-        from .train import TrainingError, TrainingInterrupted, UsageError
+        from .signals import TrainingInterrupted
+        from .train import TrainingError, UsageError
         if isinstance(e, TrainingInterrupted):
             print(f"\nmegabyte {args.command}: {e}", file=sys.stderr)
             return e.exit_code

@@ -29,6 +29,11 @@ byte ``t``, in patch ``t // P`` at slot ``t % P``):
 Positions: with ``positions="learned"`` byte ``t`` needs row ``(t // P + 1) * P - 1`` of the
 table, exactly as the full forward over ``t + 1`` bytes does; :func:`generate` raises a clear
 ``ValueError`` before decoding when that passes ``T_MAX``. ALiBi and ``none`` generate past it.
+
+Dependencies: this module imports nothing from :mod:`megabyte.model`. It reads the modules it
+needs (``g_transformer``, ``gl_linear``, the embedding tables, ...) from the model it is handed,
+so ``Megabyte.generate`` is a thin method over :func:`generate` without an import cycle.
+Loading a checkpoint and printing text (``megabyte generate``) is :mod:`megabyte.sample`'s.
 """
 from __future__ import annotations
 
@@ -518,76 +523,3 @@ def generate_uncached(model, prompt_ids, max_new_bytes: int, *, temperature: flo
                 ids = torch.cat([ids[:, :-1], nxt[:, None], ids[:, -1:]], dim=1)
     out, all_logits = out[:, :n], all_logits[:, :n]
     return (out, all_logits) if return_logits else out
-
-
-# ----------------------------------------------------------------------------------------------
-# `megabyte generate`
-
-
-def run_generate(args, stream=None) -> int:
-    """``megabyte generate``: echo the prompt, then stream sampled bytes to ``stream`` (stdout).
-
-    Bytes are decoded incrementally as UTF-8; invalid sequences come out as U+FFFD (and anything
-    the stream's encoding cannot show is replaced too), so odd bytes never crash the command.
-    Special ids (>= 256) are not bytes and are not printed; ``eos_id`` ends the text. With learned
-    positions, generation past the position table continues from the last half-window of bytes
-    (the cache is rebuilt), so ``--max-bytes`` is not bounded by T_MAX.
-    """
-    import codecs
-    import sys
-
-    from .model import Megabyte
-
-    stream = stream if stream is not None else sys.stdout
-    if args.max_bytes < 0:
-        print(f"megabyte generate: error: --max-bytes must be >= 0, got {args.max_bytes}", file=sys.stderr)
-        return 2
-    try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = Megabyte.from_pretrained(args.checkpoint, backend=getattr(args, "backend", None)).to(device).eval()
-    except (ValueError, RuntimeError) as e:
-        print(f"megabyte generate: error: {e}", file=sys.stderr)
-        return 2
-    cfg = model.config
-    prompt = args.prompt.encode("utf-8")
-    enc = getattr(stream, "encoding", None) or "utf-8"
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def emit(text: str) -> None:
-        if text:
-            stream.write(text.encode(enc, errors="replace").decode(enc, errors="replace"))
-            stream.flush()
-
-    try:
-        emit(args.prompt)
-        ctx = list(prompt)
-        remaining, chunk = args.max_bytes, 0
-        window = (cfg.T_MAX // cfg.P) * cfg.P if cfg.positions == "learned" else None
-        done = False
-        while remaining > 0 and not done:
-            if window is not None:
-                if len(ctx) >= window:
-                    ctx = ctx[-(window // 2):]
-                n = min(remaining, window - len(ctx))
-            else:
-                n = remaining
-            seed = None if args.seed is None else args.seed + chunk
-            for i in generate_stream(model, [ctx], n, temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, eos_id=cfg.eos_id, seed=seed):
-                remaining -= 1
-                if i == cfg.eos_id:
-                    done = True
-                    break
-                ctx.append(i)
-                if i < 256:
-                    emit(decoder.decode(bytes([i])))
-            chunk += 1
-        emit(decoder.decode(b"", final=True) + "\n")
-    except BrokenPipeError:  # `megabyte generate ... | head`: stop quietly
-        if stream is sys.stdout:
-            import os
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
-    return 0

@@ -21,6 +21,7 @@ from torch import nn
 
 import megabyte_kernels as mk
 
+from . import generation
 from .config import MegabyteConfig
 
 MegabyteOutput = namedtuple("MegabyteOutput", ["lm_logits", "loss", "metrics"])
@@ -292,10 +293,8 @@ class Megabyte(nn.Module):
     def generate(self, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, seed: int | None = None):
         """Cached incremental decoding; see :func:`megabyte.generation.generate`."""
-        from .generation import generate
-
-        return generate(self, prompt_ids, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_id=eos_id, seed=seed)
+        return generation.generate(self, prompt_ids, max_new_bytes, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, eos_id=eos_id, seed=seed)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str) -> None:

@@ -10,7 +10,8 @@ import torch
 from megabyte import Megabyte, MegabyteConfig
 from megabyte.cli import build_parser, main
 from megabyte.evaluate import evaluate_strided, per_byte_nll, strided_nll
-from megabyte.generation import generate_stream, run_generate
+from megabyte.generation import generate_stream
+from megabyte.sample import run_generate
 from megabyte.train import evaluate
 
 from .test_model import TINY, make
