@@ -8,6 +8,5 @@ from .attention import causal_attention
 from .backends import BACKENDS
 from .global_to_local import global_to_local
 from .patch_embed import patch_embed
-from . import native  # noqa: F401,E402  (registers backend="native"; builds lazily on first use)
 
 __all__ = ["BACKENDS", "causal_attention", "global_to_local", "patch_embed"]

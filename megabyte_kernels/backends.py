@@ -1,10 +1,21 @@
 """Backend selection shared by every op.
 
+Each op module declares all of its implementations in one table at its end,
+``IMPLS = {"reference": ..., "triton": ..., "native": ...}``; no module writes another module's
+table. This module alone decides which one runs:
+
+=============  ==============================================  ================================
+backend        devices                                          available when
+=============  ==============================================  ================================
+``reference``  any                                              always
+``triton``     CUDA (CPU tensors under ``TRITON_INTERPRET=1``)  the triton package imports
+``native``     CPU                                              the csrc/ ops build (lazily, once)
+=============  ==============================================  ================================
+
 ``backend`` is one of ``"auto"``, ``"reference"``, ``"triton"``, ``"native"``; ``None`` reads
 the ``MEGABYTE_BACKEND`` environment variable (default ``"auto"``). ``auto`` picks Triton for
-CUDA tensors, the native C++ ops for CPU tensors when they are built, else the reference.
-Each op module keeps a table ``{backend name: implementation}``; a backend an op does not
-(yet) have raises a clear error when asked for explicitly and is skipped by ``auto``.
+CUDA tensors, the native C++ ops for CPU tensors when they are built, else the reference, and
+falls back silently; an explicit request that cannot be served raises a ``ValueError`` saying why.
 """
 from __future__ import annotations
 

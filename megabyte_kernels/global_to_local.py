@@ -10,10 +10,9 @@ from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, 
                         check_same_dtype, check_shape, num_patches)
 from ._triton_compat import tl, triton
 from .backends import interpreting, prune_pinned, resolve_backend
+from .native import global_to_local_native
 from .patch_embed import (_alloc, _configs, _dot_precision, _onehot_grad, _sum_leading,
                           _upcast)
-
-IMPLS = {"reference": reference.global_to_local}
 
 
 def check_global_to_local_args(global_out, ids, weight, bias, local_table, patch_size, pad_id, local_pad) -> None:
@@ -387,4 +386,6 @@ def global_to_local_triton(
                                 bool(cross_patch))
 
 
-IMPLS["triton"] = global_to_local_triton
+# every implementation of the op, declared in one place (backends.resolve_backend picks one)
+IMPLS = {"reference": reference.global_to_local, "triton": global_to_local_triton,
+         "native": global_to_local_native}

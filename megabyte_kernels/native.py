@@ -11,10 +11,11 @@ kernels and their autograd (C++). This module
   find it already built;
 * registers the fake (meta) implementations, so that ``torch.compile`` and
   ``torch.library.opcheck`` see proper operators;
-* puts ``"native"`` into the backend tables of :mod:`.patch_embed` and :mod:`.global_to_local`
-  (``backend="auto"`` uses it on CPU tensors only when :func:`available` says the build works;
-  without a compiler ``auto`` falls back to the reference with one warning, and
-  ``backend="native"`` raises a clear error).
+* defines the ``backend="native"`` entries, which :mod:`.patch_embed` and
+  :mod:`.global_to_local` declare in their tables (``backend="auto"`` uses them on CPU tensors
+  only when :func:`available` says the build works; without a compiler ``auto`` falls back to
+  the reference with one warning, and ``backend="native"`` raises a clear error). This module
+  imports no op module: the ops import it.
 
 Set ``MEGABYTE_NATIVE=0`` to never build or use it (``auto`` then means the reference on CPU),
 ``MEGABYTE_NATIVE_PREBUILT=0`` to ignore a library built ahead of time.
@@ -27,11 +28,6 @@ import threading
 import warnings
 
 import torch
-
-# (the package's ``patch_embed`` / ``global_to_local`` names are the public functions, which
-# shadow the submodules: import the tables themselves)
-from .global_to_local import IMPLS as _G2L_IMPLS
-from .patch_embed import IMPLS as _PE_IMPLS
 
 NAME = "megabyte_native"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +180,3 @@ def global_to_local_native(
     load()
     return torch.ops.megabyte_native.global_to_local(global_out, ids, weight, bias, local_table, local_pad,
                                                      patch_size, pad_id, cross_patch)
-
-
-_PE_IMPLS["native"] = patch_embed_native
-_G2L_IMPLS["native"] = global_to_local_native

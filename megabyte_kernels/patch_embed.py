@@ -10,8 +10,7 @@ from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, 
                         check_same_dtype, check_shape, num_patches)
 from ._triton_compat import tl, triton
 from .backends import interpreting, prune_pinned, resolve_backend
-
-IMPLS = {"reference": reference.patch_embed}
+from .native import patch_embed_native
 
 
 def check_patch_embed_args(ids, token_table, pos_table, patch_size, pad_id, pad_patch) -> None:
@@ -382,4 +381,5 @@ def patch_embed_triton(
     return _patch_embed_fwd(ids, token_table, pos_table, pad_patch, patch_size, pad_id)
 
 
-IMPLS["triton"] = patch_embed_triton
+# every implementation of the op, declared in one place (backends.resolve_backend picks one)
+IMPLS = {"reference": reference.patch_embed, "triton": patch_embed_triton, "native": patch_embed_native}

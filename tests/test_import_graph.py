@@ -137,7 +137,8 @@ def test_the_graph_sees_the_imports_it_must(graph):
     assert "megabyte.config" in graph["megabyte.model"]  # from .config import MegabyteConfig
     assert "megabyte.generation" in graph["megabyte.model"]  # from . import generation
     assert "megabyte.train" in graph["megabyte.cli"]  # function-level: from .train import run_train
-    assert "megabyte_kernels.native" in graph["megabyte_kernels"]  # from . import native
+    assert "megabyte_kernels.native" in graph["megabyte_kernels.patch_embed"]  # from .native import ...
+    assert "megabyte_kernels.native" in graph["megabyte_kernels.backends"]  # function-level: from . import native
 
 
 def test_megabyte_has_no_import_cycle(graph):
@@ -145,7 +146,6 @@ def test_megabyte_has_no_import_cycle(graph):
     assert not found, f"import cycles in megabyte/: {_show(found)}"
 
 
-@pytest.mark.xfail(strict=True, reason="backends ↔ native cycle: issue 13 kernel side")
 def test_megabyte_kernels_has_no_import_cycle(graph):
     found = cycles(graph, "megabyte_kernels")
     assert not found, f"import cycles in megabyte_kernels/: {_show(found)}"

@@ -41,10 +41,8 @@ SHAPES = {
 
 
 def _backends() -> list:
-    """auto + every backend some op's table holds once the package is imported (the native ops
-    enter the tables when ``megabyte_kernels.native`` is imported; this file does not import it,
-    so that ``auto`` means the same in every test of a session). ``native`` is marked: it
-    needs a C++ compiler, and the GPU step leaves it out."""
+    """auto + every backend some op's table declares. ``native`` is marked: it needs a C++
+    compiler, and the GPU step leaves it out."""
     names = set()
     for table in OP_TABLES.values():
         names |= set(table)
