@@ -83,6 +83,42 @@ def _impls(device, family):
     return impls
 
 
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_impls(backends, gqa: bool) -> dict:
+    """``{"sdpa[name]": fn(q, k, v) or None}`` for the named SDPA backends (keys of
+    :data:`SDPA_BACKENDS`), causal, ``enable_gqa`` when the key/value heads are fewer than the
+    query heads; None for a backend this torch does not have."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return {f"sdpa[{b}]": None for b in backends}
+    out = {}
+    for b in backends:
+        enum = getattr(SDPBackend, SDPA_BACKENDS[b], None)
+
+        def fn(q, k, v, enum=enum):
+            with sdpa_kernel(enum):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        out[f"sdpa[{b}]"] = None if enum is None else fn
+    return out
+
+
+def attention_tflops(B: int, Hq: int, N: int, d: int, what: str, ms: float) -> float:
+    """TFLOP/s as FlashAttention counts: 4·B·Hq·N²·d halved for causal, x3.5 for "fwd+bwd"."""
+    flops = 4 * B * Hq * N * N * d / 2 * (3.5 if what == "fwd+bwd" else 1.0)
+    return flops / (ms * 1e-3) / 1e12
+
+
+def local_attention_bytes(q_numel: int, kv_numel: int, elt: int, what: str) -> int:
+    """Bytes packed (local) attention must move: q, k, v read and o written once; the backward
+    adds q, dO read and dq written, k, v read and dk, dv written."""
+    fwd = (2 * q_numel + 2 * kv_numel) * elt
+    return fwd if what == "fwd" else fwd + (3 * q_numel + 4 * kv_numel) * elt
+
+
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     """Rows: op, family, impl, shape, dtype, pass, ms, TFLOP/s or GB/s (+ frac_copy), ratio_vs_sdpa."""
     device, is_cuda, dtype, rec, copy_gbs = run_context(device, quick=quick)

@@ -36,6 +36,17 @@ def _inputs(B, T, P, D_G, D_L, dtype, device, seed=0):
     return ids, leaf(B, K, P * D_G, scale=1.0), leaf(D_L, D_G), leaf(D_L), leaf(V, D_L)
 
 
+def traffic_bytes(B: int, T: int, P: int, D_G: int, D_L: int, ids_elt: int, elt: int,
+                  vocab: int = V) -> tuple[int, int]:
+    """(forward, backward) bytes the op must move, as :func:`run` counts them (M = B*K*P rows):
+    global output, weight and table read, output written; backward: dOut read twice, X read,
+    dX written, dW and the table gradient."""
+    M = B * (-(-T // P)) * P
+    fwd = (M * D_G + D_L * D_G + vocab * D_L + M * D_L) * elt + B * T * ids_elt
+    bwd = (2 * M * D_L + 2 * M * D_G + 2 * D_L * D_G + vocab * D_L) * elt
+    return fwd, bwd
+
+
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     """Rows: op, impl, shape, dtype, pass, ms, GB/s, frac_copy, TFLOP/s, ratio vs eager (> 1 is faster)."""
     device, is_cuda, dtype, rec, copy_gbs = run_context(device, quick=quick)

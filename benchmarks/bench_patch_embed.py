@@ -36,6 +36,15 @@ def _inputs(B, T, P, D, dtype, device, seed=0):
     return ids, table, pos
 
 
+def traffic_bytes(B: int, T: int, P: int, D: int, ids_elt: int, elt: int, vocab: int = V) -> tuple[int, int]:
+    """(forward, backward) bytes the op must move, as :func:`run` counts them: ids, the used
+    table rows and the output; backward: the gradient read once, both table gradients written."""
+    K = -(-T // P)
+    out_bytes = B * K * P * D * elt
+    tables = (vocab + K * P) * D * elt
+    return B * T * ids_elt + out_bytes + tables, out_bytes + tables
+
+
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     """Rows: op, impl, shape, dtype, pass, ms, GB/s, frac_copy, ratio vs eager (> 1 is faster)."""
     device, is_cuda, dtype, rec, copy_gbs = run_context(device, quick=quick)
