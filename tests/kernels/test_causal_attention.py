@@ -49,15 +49,15 @@ LOCAL_SHAPES = [
 
 
 def _make(B, Hq, Hkv, N, d, contiguous, dtype, seed=0):
-    """q, k, v (leaves or views of leaves that require grad), dO and ALiBi slopes on DEVICE.
-    Non-contiguous cases transpose after the device and dtype conversion."""
+    """q, k, v (leaves that require grad), dO and ALiBi slopes on DEVICE. Non-contiguous cases
+    transpose after the device and dtype conversion (``.to()`` may copy to contiguous)."""
     g = torch.Generator().manual_seed(seed)
 
     def t(H):
         if contiguous:
             return torch.randn(B, H, N, d, generator=g).to(DEVICE, dtype).requires_grad_()
         # (B, N, H, d) storage seen as (B, H, N, d): non-contiguous
-        x = torch.randn(B, N, H, d, generator=g).to(DEVICE, dtype).requires_grad_().transpose(1, 2)
+        x = torch.randn(B, N, H, d, generator=g).to(DEVICE, dtype).transpose(1, 2).requires_grad_()
         assert not x.is_contiguous() or H == 1 or N == 1
         return x
 
