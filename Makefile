@@ -10,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast aot bench gpu-check clean
+.PHONY: demo test test-fast aot aot-table bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -38,6 +38,11 @@ test-fast: $(STAMP)
 aot: $(STAMP)
 	$(PY) -m pytest tests -q -m aot -s
 
+# every kernel x every autotune config compiled for sm_90 (172 compiles, 3-5 min on 2 cores): rewrites
+# benchmarks/results/aot-sm90.json/.md, which `make test` compares the pinned configs against
+aot-table: $(STAMP)
+	$(PY) -m benchmarks.aot_table
+
 # the benchmark suite (benchmarks/README.md): on a GPU the full sizes, on CPU --quick
 bench: $(STAMP)
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
@@ -46,10 +51,14 @@ bench: $(STAMP)
 		$(PY) -m benchmarks.run --quick; \
 	fi
 
-# the GPU tier on a machine with a GPU, under 8 minutes: tests + GPU benchmarks + result file.
-# Uses the python3 that is already there (no venv, no pip, no network); the checkout goes on PYTHONPATH.
+# the GPU tier on a machine with a GPU in one call of at most 300 s (benchmarks/gpu_check.py):
+# preflight, smoke parity of every kernel, the GPU-tier tests, benchmarks; every file in GPU_CHECK_OUT
+# (default benchmarks/results/gpu-check-<date>). Uses the python3 that is already there (no venv,
+# no pip, no network); the checkout goes on PYTHONPATH. Without make:
+#   PYTHONPATH=$PWD python3 -m benchmarks.gpu_check --out DIR
+GPU_CHECK_OUT ?=
 gpu-check:
-	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m benchmarks.gpu_check
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m benchmarks.gpu_check --budget 300 $(if $(GPU_CHECK_OUT),--out "$(GPU_CHECK_OUT)")
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -325,30 +325,34 @@ def _cfgs(rows):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class; the autotuner drops configs that
 # run out of shared memory. fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0.
-# The first row of each 16-bit list compiles for sm_90 without register spills (ptxas stack 0,
-# checked by the AOT tier, tests/kernels/test_causal_attention.py), so the autotuner always has
-# a spill-free candidate; most larger tiles spill some (they stay: on a GPU the autotuner, not
-# the spill count, decides which is faster).
+# Compiled for sm_90 as a launch compiles them (benchmarks/results/aot-sm90.md, `make
+# aot-table`): the first row of each 16-bit list (the pinned config, MEGABYTE_PIN_CONFIGS=1) is
+# spill-free, with and without ALiBi, and at d <= 128 runs on wgmma (tests/kernels/test_aot.py).
+# wgmma needs 64 rows per dot: BLOCK_M >= 64 (fwd/dq), BLOCK_N >= 64 (dkdv). No other row spills
+# more than 32 B per thread. At d = 256 every wgmma dK/dV tile spills (64-row fp32 dk and dv
+# accumulators of 256 columns): that list is mma.sync tiles plus the least-spilling wgmma one.
 GPU_FWD = {
     "small": [(128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-    "mid": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-    "large": [(32, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    "mid": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 8, 4)],
+    "large": [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3)],
 }
 GPU_DKDV = {
-    "small": [(32, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
-    "mid": [(32, 32, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 2)],
-    "large": [(16, 16, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 1), (16, 32, 4, 2)],
+    "small": [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3)],
+    "mid": [(32, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2)],
+    "large": [(16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2)],
 }
 GPU_DQ = {
     "small": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
     "mid": [(64, 16, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-    "large": [(32, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (128, 32, 8, 1)],
+    "large": [(64, 32, 8, 2), (64, 16, 8, 2), (64, 64, 8, 2), (128, 16, 8, 2), (64, 32, 8, 3)],
 }
-# fp32 tiles take twice the shared memory and registers: smaller blocks, fewer stages.
+# fp32 tiles take twice the shared memory and registers: smaller blocks, fewer stages, 8 warps
+# (IEEE dots run on CUDA cores with their operands in registers: at 4 warps the first rows spilled
+# 0.3-67 KB per thread on sm_90). The first row of each is spill-free at d = 64, 128 and 256.
 GPU_FP32 = {
-    "fwd": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
-    "dkdv": [(16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
-    "dq": [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
+    "fwd": [(32, 16, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2)],
+    "dkdv": [(16, 32, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2)],
+    "dq": [(32, 32, 8, 2), (32, 16, 8, 2), (64, 32, 8, 2)],
 }
 _KEY = ["N_BUCKET", "BLOCK_D", "HAS_ALIBI", "G"]
 _TUNED: dict = {}

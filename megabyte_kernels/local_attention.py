@@ -165,16 +165,23 @@ def _local_bwd_kernel(Q, K, V, DO, DQ, DK, DV, Slopes, scale, P, G, H, NQ_SEQ, N
 # --------------------------------------------------------------------------------------------
 def tile_rows_target(block_d: int, elt_bytes: int) -> int:
     """Query rows per tile aimed at: 64 in the interpreter (fewer wasted ops per tile), on the GPU
-    128 for small 16-bit head dims (more bytes in flight per program), else 64 (registers)."""
+    128 for small 16-bit head dims (more bytes in flight per program), 64 for larger ones
+    (registers), 32 for fp32 (IEEE dots run on CUDA cores with their operands in registers: at
+    d = 64, P = 8 the 64-row tiles spill 22 KB (forward) and 35 KB (backward) per thread on sm_90,
+    32-row tiles at 8 warps none; benchmarks/results/aot-sm90.md)."""
     if interpreting():
         return 64
+    if elt_bytes >= 4:
+        return 32
     return 128 if block_d * elt_bytes <= 128 else 64
 
 
 def num_warps_for(block_q: int, block_kv: int, block_d: int, elt_bytes: int) -> int:
-    """8 warps once the score tile or a key tile would take more than ~64 registers a thread at 4."""
+    """8 warps once the score tile or a key tile would take more than ~64 registers a thread at 4,
+    and always for fp32 (its dots hold their operands in registers: the 32x32 backward at d = 64
+    spills 124 B per thread at 4 warps, none at 8)."""
     big = block_q * block_kv > 128 * 64 or max(block_q, block_kv) * block_d * elt_bytes > 64 * 128 * 2
-    return 8 if big else 4
+    return 8 if big or elt_bytes >= 4 else 4
 
 
 def tiling(P: int, G: int, target: int) -> dict:

@@ -1,5 +1,5 @@
 """Helpers shared by the parity tests of the Triton patch embedding and global-to-local projection
-(DESIGN.md §4): the op modules, the device, the NaN-prefilled buffers and the AOT signatures."""
+(DESIGN.md §4): the op modules, the device and the NaN-prefilled buffers."""
 from __future__ import annotations
 
 import importlib
@@ -24,15 +24,3 @@ def nan_buffers(monkeypatch):
     monkeypatch.setattr(pe_mod, "_alloc", alloc)
     monkeypatch.setattr(g2l_mod, "_alloc", alloc)
 
-
-# ---------------------------------------------------------------------------- tier 3: AOT
-PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-
-
-def aot_signature(kernel, ptrs: dict, constexprs: dict) -> dict:
-    """Triton signature of a (possibly autotuned) kernel: pointer types from ptrs, constexprs
-    marked, every other argument i32."""
-    fn = kernel
-    while not hasattr(fn, "arg_names"):
-        fn = fn.fn
-    return {n: "constexpr" if n in constexprs else ptrs.get(n, "i32") for n in fn.arg_names}

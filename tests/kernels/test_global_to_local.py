@@ -7,15 +7,11 @@ sm_80/sm_90 in fp16/bf16/fp32. Tier 4 (``gpu``): bf16 and large shapes on CUDA.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
 from megabyte_kernels import global_to_local
-from tests.aot import compile_cases
-from tests.kernels._parity import DEVICE, PTR, aot_signature, g2l_mod, needs_triton_path, pe_mod
+from tests.kernels._parity import DEVICE, g2l_mod, needs_triton_path, pe_mod
 from tests.kernels._parity import nan_buffers  # noqa: F401  (autouse fixture: NaN-prefilled buffers)
 
 # dtype and its (atol, rtol) against the float64 reference (GEMM over D_G <= 40 terms of unit
@@ -163,62 +159,6 @@ def test_torch_compile_fullgraph():
     grad = torch.randn_like(out)
     for g, rg in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
         assert torch.equal(g, rg)
-
-
-# ---------------------------------------------------------------------------- tier 3: AOT
-def _aot_cases():
-    """Per arch and dtype: the GEMM with the fused epilogue (forward) at its largest config and
-    the dW kernel; on sm_90 also the GEMM without epilogue (dX), every other autotune config
-    for bf16, and the TF32 variant of fp32."""
-    cases = []
-    for arch in (80, 90):
-        for dt in (torch.float16, torch.bfloat16, torch.float32):
-            p = PTR[dt]
-            ptrs = {"A": p, "Bmat": p, "C": p, "Bias": p, "Ids": "*i64", "Table": p, "LocalPad": p}
-            configs = g2l_mod.MATMUL_CONFIGS_32 if dt == torch.float32 else g2l_mod.MATMUL_CONFIGS_16
-            for cfg in configs:
-                largest = cfg is configs[-1]
-                if not largest and not (arch == 90 and dt == torch.bfloat16):
-                    continue
-                # dX (no epilogue) runs on the GPU that matters, sm_90
-                variants = [(True, "ieee")]
-                if largest and arch == 90:
-                    variants += [(False, "ieee")] + ([(True, "tf32")] if dt == torch.float32 else [])
-                for epilogue, prec in variants:
-                    ce = {"EPILOGUE": epilogue, "HAS_BIAS": True, "CROSS_PATCH": False, "HAS_LOCAL_PAD": True,
-                          "UPCAST": False, "PRECISION": prec, **cfg.kwargs}
-                    cases.append({"kernel": "megabyte_kernels.global_to_local:_g2l_matmul_kernel",
-                                  "signature": aot_signature(g2l_mod._g2l_matmul_kernel, ptrs, ce), "constexprs": ce,
-                                  "arch": arch, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            bi, bj, bm, warps, stages = g2l_mod.atb_config(dt)
-            # fp32 GEMMs run TF32 when torch.backends.cuda.matmul.allow_tf32 is set: that variant too
-            for prec in ("ieee", "tf32") if dt == torch.float32 and arch == 90 else ("ieee",):
-                ce = {"UPCAST": False, "PRECISION": prec, "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_M": bm}
-                cases.append({"kernel": "megabyte_kernels.global_to_local:_atb_kernel",
-                              "signature": aot_signature(g2l_mod._atb_kernel, {"A": p, "Bmat": p, "Partial": "*fp32"},
-                                                          ce),
-                              "constexprs": ce, "arch": arch, "num_warps": warps, "num_stages": stages})
-    return cases
-
-
-@pytest.fixture(scope="module")
-def aot_results():
-    """One compile batch per CPU core, run side by side (each is one subprocess)."""
-    cases = _aot_cases()
-    n = max(1, min(len(cases), os.cpu_count() or 1))
-    chunks = [cases[i::n] for i in range(n)]
-    with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(compile_cases, chunks))
-    return [pair for chunk, res in zip(chunks, results) for pair in zip(chunk, res)]
-
-
-@pytest.mark.aot
-def test_aot_compiles(aot_results):
-    failed = [(c["kernel"], c["constexprs"], c["arch"], r["error"]) for c, r in aot_results if not r["ok"]]
-    assert not failed, failed
-    for c, r in aot_results:  # A100 and H100/H200 allow up to 164/227 KiB of shared memory per block
-        limit = (164 if c["arch"] == 80 else 227) * 1024
-        assert r["shared"] <= limit, (c["kernel"], c["constexprs"], c["arch"], r["shared"])
 
 
 # ---------------------------------------------------------------------------- tier 4: GPU

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from megabyte_kernels import patch_embed
-from tests.aot import compile_cases
-from tests.kernels._parity import DEVICE, PTR, aot_signature, g2l_mod, needs_triton_path, pe_mod
+from tests.kernels._parity import DEVICE, g2l_mod, needs_triton_path, pe_mod
 from tests.kernels._parity import nan_buffers  # noqa: F401  (autouse fixture: NaN-prefilled buffers)
 
 # dtype and its (atol, rtol) against the float64 reference; bf16 in the interpreter checks the
@@ -148,47 +147,6 @@ def test_torch_compile_fullgraph():
     for g, rg in zip(torch.autograd.grad(out, (table, pos_t, pad_t), grad),
                      torch.autograd.grad(ref, (table, pos_t, pad_t), grad)):
         assert torch.equal(g, rg)
-
-
-# ---------------------------------------------------------------------------- tier 3: AOT
-def _aot_cases():
-    cases = []
-    for arch in (80, 90):
-        for dt in (torch.float16, torch.bfloat16, torch.float32):
-            p = PTR[dt]
-            # every autotune config on sm_90 (the H200), the largest tile on sm_80
-            for cfg in pe_mod.FWD_CONFIGS if arch == 90 else pe_mod.FWD_CONFIGS[-1:]:
-                fwd = {"HAS_POS": True, "HAS_PAD_PATCH": True, **cfg.kwargs}
-                cases.append({"kernel": "megabyte_kernels.patch_embed:_patch_embed_fwd_kernel",
-                              "signature": aot_signature(pe_mod._patch_embed_fwd_kernel,
-                                                          {"Ids": "*i64", "Table": p, "Pos": p, "PadPatch": p, "Out": p},
-                                                          fwd),
-                              "constexprs": fwd, "arch": arch, "num_warps": cfg.num_warps})
-            bv, bn, bd, warps, stages = pe_mod.onehot_config(dt)
-            oh = {"BLOCK_V": bv, "BLOCK_N": bn, "BLOCK_D": bd, "UPCAST": False, "PRECISION": "ieee"}
-            cases.append({"kernel": "megabyte_kernels.patch_embed:_onehot_grad_kernel",
-                          "signature": aot_signature(pe_mod._onehot_grad_kernel,
-                                                      {"Codes": "*i32", "G": p, "Partial": "*fp32"}, oh),
-                          "constexprs": oh, "arch": arch, "num_warps": warps, "num_stages": stages})
-            sl = {"BLOCK_R": 8, "BLOCK_D": 256}
-            cases.append({"kernel": "megabyte_kernels.patch_embed:_sum_leading_kernel",
-                          "signature": aot_signature(pe_mod._sum_leading_kernel, {"X": p, "Out": p}, sl),
-                          "constexprs": sl, "arch": arch})
-    return cases
-
-
-@pytest.fixture(scope="module")
-def aot_results():
-    cases = _aot_cases()
-    return list(zip(cases, compile_cases(cases)))
-
-
-@pytest.mark.aot
-def test_aot_compiles(aot_results):
-    failed = [(c["kernel"], c["signature"], r["error"]) for c, r in aot_results if not r["ok"]]
-    assert not failed, failed
-    for c, r in aot_results:  # H100/H200 and A100 both have >= 164 KiB of shared memory per block
-        assert r["shared"] <= 160 * 1024, (c["kernel"], r["shared"])
 
 
 # ---------------------------------------------------------------------------- tier 4: GPU
