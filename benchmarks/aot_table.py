@@ -44,6 +44,7 @@ TABLE = os.path.join(RESULTS, "aot-sm90.json")
 FA = "megabyte_kernels.flash_attention"
 LA = "megabyte_kernels.local_attention"
 PE = "megabyte_kernels.patch_embed"
+KU = "megabyte_kernels._kernel_utils"
 G2L = "megabyte_kernels.global_to_local"
 ELT = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -138,11 +139,11 @@ def _patch_embed_cases(dtype):
         out.append(_case(f"patch_embed_fwd {dtype} #{i} {kw['BLOCK_R']}x{kw['BLOCK_D']} w{cfg.num_warps}",
                          f"{PE}:_patch_embed_fwd_kernel", {**fwd, **kw}, warps=cfg.num_warps,
                          stages=cfg.num_stages, dtype=dtype, list_name="FWD_CONFIGS", index=i))
-    bv, bn, bd, w, s = pe.onehot_config(_torch_dtype(dtype))
+    bv, bn, bd, w, s = importlib.import_module(KU).onehot_config(_torch_dtype(dtype))
     # the launcher's split of the rows: a multiple of BLOCK_N rows per split
     oh = dict(Codes="*i32", G=t, Partial="*fp32", N=M_ROWS, D=D_G, VE=V, rows_per_split=bn * 1024, ones_row=-1,
               BLOCK_V=bv, BLOCK_N=bn, BLOCK_D=bd, UPCAST=False, PRECISION="ieee")
-    out.append(_case(f"onehot_grad {dtype} #0 {bv}x{bn}x{bd} w{w} s{s}", f"{PE}:_onehot_grad_kernel", oh,
+    out.append(_case(f"onehot_grad {dtype} #0 {bv}x{bn}x{bd} w{w} s{s}", f"{KU}:_onehot_grad_kernel", oh,
                      warps=w, stages=s, dtype=dtype, list_name="onehot_config()", index=0))
     # d pos_table (dOut summed over the batch) and the sum of fp32 partials (one-hot, dW)
     sums = [("pos", t, t, dict(S=B_BYTES, R_in=T_BYTES, R_out=T_BYTES, D=D_G, stride_xs=T_BYTES * D_G))]
@@ -150,7 +151,7 @@ def _patch_embed_cases(dtype):
         sums.append(("partials", "*fp32", t, dict(S=14, R_in=D_L, R_out=D_L, D=D_G, stride_xs=D_L * D_G)))
     for what, x, o, ints in sums:
         args = dict(X=x, Out=o, **ints, BLOCK_R=8, BLOCK_D=256)
-        out.append(_case(f"sum_leading {dtype} {what} #0 8x256 w4", f"{PE}:_sum_leading_kernel", args, warps=4,
+        out.append(_case(f"sum_leading {dtype} {what} #0 8x256 w4", f"{KU}:_sum_leading_kernel", args, warps=4,
                          stages=3, dtype=dtype, list_name="_sum_leading()", index=0))
     return out
 

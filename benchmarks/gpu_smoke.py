@@ -6,8 +6,8 @@ mid-sized shape, against the float64 reference with DESIGN.md §4's tolerances.
 
 (``benchmarks/gpu_check.py`` runs it, several processes in parallel, with the configs pinned so
 that nothing is autotuned.) The cases are ``benchmarks/gpu_plan.py``'s ``SMOKE``. For each one:
-every buffer the Triton path allocates starts as NaN (``_alloc`` of the patch-embed and
-global-to-local modules, ``_empty_like`` of the attention modules, swapped as the parity tests
+every buffer the Triton path allocates starts as NaN (``megabyte_kernels._kernel_utils.alloc``,
+swapped as the parity tests
 do), so an element no kernel writes shows up; the backward runs twice and must agree bitwise;
 then one verdict per pass, written to the results file the moment it is known:
 
@@ -103,17 +103,12 @@ def injected(kernel: str, t: torch.Tensor) -> torch.Tensor:
 def nan_outputs():
     """Every buffer the Triton path allocates starts as NaN while inside (the parity tests'
     fixture, ``tests/kernels/_parity.py``): an element no kernel writes stays NaN and fails."""
-    mods = {n: importlib.import_module(f"megabyte_kernels.{n}")
-            for n in ("patch_embed", "global_to_local", "flash_attention", "local_attention")}
+    ku = importlib.import_module("megabyte_kernels._kernel_utils")
 
     def alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    def empty_like(x):
-        return torch.full_like(x, float("nan"))
-
-    swaps = [(mods["patch_embed"], "_alloc", alloc), (mods["global_to_local"], "_alloc", alloc),
-             (mods["flash_attention"], "_empty_like", empty_like), (mods["local_attention"], "_empty_like", empty_like)]
+    swaps = [(ku, "alloc", alloc)]  # every buffer of every op's Triton path comes from ku.alloc
     saved = [(m, n, getattr(m, n)) for m, n, _ in swaps]
     try:
         for m, n, f in swaps:

@@ -50,23 +50,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# One switch pins every autotuned Triton kernel to the first config of its list: no tuning time,
-# the same program on every run. The root conftest sets it for the test suite, gpu-check for its
-# smoke stage; read at each launch (an autotuner's early_config_prune), not at import.
-PIN_CONFIGS_ENV = "MEGABYTE_PIN_CONFIGS"
-
-
-def configs_pinned() -> bool:
-    """True when ``MEGABYTE_PIN_CONFIGS`` is set (and not ``0``): autotuning is off."""
-    return os.environ.get(PIN_CONFIGS_ENV, "0") not in ("", "0")
-
-
-def prune_pinned(configs: list, named_args: dict | None = None, **kwargs) -> list:
-    """``early_config_prune`` of every autotuned kernel: the first config alone when
-    :func:`configs_pinned`, else all of them."""
-    return configs[:1] if configs_pinned() else configs
-
-
 def resolve_backend(backend: str | None, device: torch.device, impls: dict[str, Callable], op: str) -> Callable:
     """Return the implementation of ``op`` for ``backend`` on ``device``."""
     if backend is None:

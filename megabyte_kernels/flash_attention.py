@@ -38,7 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import interpreting, prune_pinned
+from . import _kernel_utils as ku
+from ._kernel_utils import head_dim_block, load_tile
+from .backends import interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -46,15 +48,6 @@ LOG2E = 1.4426950408889634
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _load_tile(X, off, mask, UPCAST: tl.constexpr):
-    """Masked load of a tile (zeros outside the mask); fp32 when UPCAST (the interpreter's bf16)."""
-    x = tl.load(X + off, mask=mask, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
 @triton.jit
 def _split_pid(N, BLOCK: tl.constexpr):
     """(row block, sequence) of a 1-D launch of cdiv(N, BLOCK) * sequences programs, row blocks
@@ -119,8 +112,8 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, 
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # diagonal blocks may run past N; left of the diagonal every key index is < start_m <= N - 1
         kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, MASKED)
-        k = _load_tile(K, kv_off, kv_mask, UPCAST)
-        v = _load_tile(V, kv_off, kv_mask, UPCAST)
+        k = load_tile(K, kv_off, kv_mask, UPCAST)
+        v = load_tile(V, kv_off, kv_mask, UPCAST)
         s = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC)
         if MASKED:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -196,8 +189,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_mask = offs_m < N
         off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, D, True)
-        q = _load_tile(Q, off, mask, UPCAST)
-        do = _load_tile(DO, off, mask, UPCAST)
+        q = load_tile(Q, off, mask, UPCAST)
+        do = load_tile(DO, off, mask, UPCAST)
         lse2 = tl.load(LSE + row_base + offs_m, mask=row_mask, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=row_mask, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
@@ -229,8 +222,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, True)
-    k = _load_tile(K, kv_off, kv_mask, UPCAST)
-    v = _load_tile(V, kv_off, kv_mask, UPCAST)
+    k = load_tile(K, kv_off, kv_mask, UPCAST)
+    v = load_tile(V, kv_off, kv_mask, UPCAST)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -261,8 +254,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, MASKED)
-        k = _load_tile(K, kv_off, kv_mask, UPCAST)
-        v = _load_tile(V, kv_off, kv_mask, UPCAST)
+        k = load_tile(K, kv_off, kv_mask, UPCAST)
+        v = load_tile(V, kv_off, kv_mask, UPCAST)
         s = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -287,8 +280,8 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G,
     d_mask = offs_d < D
     row_mask = offs_m < N
     off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, D, True)
-    q = _load_tile(Q, off, mask, UPCAST)
-    do = _load_tile(DO, off, mask, UPCAST)
+    q = load_tile(Q, off, mask, UPCAST)
+    do = load_tile(DO, off, mask, UPCAST)
     lse2 = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=row_mask, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=row_mask, other=0.0)
     qk_scale = scale * 1.4426950408889634
@@ -368,7 +361,7 @@ def gpu_configs(kind: str, block_d: int, dtype: torch.dtype) -> list:
 def launch_configs(kind: str, block_d: int, dtype: torch.dtype) -> list:
     """The triton.Config list a launch of ``kind`` tunes over: the interpreter's single config
     (multi-config autotune fails there), else :func:`gpu_configs`; pinned to its first entry by
-    ``MEGABYTE_PIN_CONFIGS=1`` (:func:`~megabyte_kernels.backends.prune_pinned`)."""
+    ``MEGABYTE_PIN_CONFIGS=1`` (:func:`~megabyte_kernels._kernel_utils.prune_pinned`)."""
     if interpreting():
         return [triton.Config(INTERP[kind], num_warps=4, num_stages=1)]
     return _cfgs(gpu_configs(kind, block_d, dtype))
@@ -379,13 +372,8 @@ def _tuned(kernel, kind, block_d, dtype):
     name = (kernel.__name__, kind, _d_class(block_d), dtype == torch.float32, interpreting())
     if name not in _TUNED:
         _TUNED[name] = triton.autotune(configs=launch_configs(kind, block_d, dtype), key=_KEY,
-                                       prune_configs_by={"early_config_prune": prune_pinned})(kernel)
+                                       prune_configs_by={"early_config_prune": ku.prune_pinned})(kernel)
     return _TUNED[name]
-
-
-def head_dim_block(d: int) -> int:
-    """BLOCK_D: d padded to a power of two, at least 16 (tl.dot's minimum contraction)."""
-    return max(16, triton.next_power_of_2(d))
 
 
 def _d_class(block_d: int) -> str:
@@ -416,16 +404,11 @@ def _slopes_arg(alibi_slopes, q):
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _empty_like(x):
-    """Output allocation; the tests swap in a NaN fill to prove every element is written."""
-    return torch.empty_like(x)
-
-
 def _launch_fwd(q, k, v, alibi_slopes, scale):
     B, H, N, D = q.shape
     G = H // k.shape[1]
-    o = _empty_like(q)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    o = ku.empty_like(q)
+    lse = ku.alloc((B, H, N), torch.float32, q.device)
     if N == 0 or B * H == 0:
         return o, lse
     BLOCK_D = head_dim_block(D)
@@ -440,11 +423,11 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
     B, H, N, D = q.shape
     HKV = k.shape[1]
     G = H // HKV
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    dq, dk, dv = ku.empty_like(q), ku.empty_like(k), ku.empty_like(v)
     if N == 0 or B * H == 0:
         return dq, dk, dv
     BLOCK_D = head_dim_block(D)
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    delta = ku.alloc((B, H, N), torch.float32, q.device)
     pre_m = pre_block_m(BLOCK_D)
     _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m) * B * H,)](o, do, delta, N, D, BLOCK_M=pre_m,
                                                                     BLOCK_D=BLOCK_D)

@@ -8,11 +8,10 @@ import torch
 from . import reference
 from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, check_same_device,
                         check_same_dtype, check_shape, num_patches)
+from . import _kernel_utils as ku
 from ._triton_compat import tl, triton
-from .backends import interpreting, prune_pinned, resolve_backend
+from .backends import interpreting, resolve_backend
 from .native import global_to_local_native
-from .patch_embed import (_alloc, _configs, _dot_precision, _onehot_grad, _sum_leading,
-                          _upcast)
 
 
 def check_global_to_local_args(global_out, ids, weight, bias, local_table, patch_size, pad_id, local_pad) -> None:
@@ -127,11 +126,11 @@ def _prune_by_dtype(configs, named_args, **kwargs):
     the first alone when configs are pinned (``MEGABYTE_PIN_CONFIGS=1``)."""
     want = MATMUL_CONFIGS_32 if named_args["A"].dtype == torch.float32 else MATMUL_CONFIGS_16
     kept = [c for c in configs if any(c is w for w in want)] or configs
-    return prune_pinned(kept, named_args, **kwargs)
+    return ku.prune_pinned(kept, named_args, **kwargs)
 
 
 @triton.autotune(
-    configs=_configs(MATMUL_CONFIGS_16 + MATMUL_CONFIGS_32,
+    configs=ku.autotune_configs(MATMUL_CONFIGS_16 + MATMUL_CONFIGS_32,
                      triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
                                    num_warps=4, num_stages=1)),
     key=["N", "Kd", "EPILOGUE"],
@@ -226,7 +225,7 @@ def _matmul(a: torch.Tensor, b_ptr: torch.Tensor, stride_bk: int, stride_bn: int
             epilogue=None) -> torch.Tensor:
     """(M, Kd) row-major ``a`` times B (Kd, N) given by pointer and strides -> ``out_shape``."""
     M, Kd = a.shape
-    c = _alloc(out_shape, a.dtype, a.device)
+    c = ku.alloc(out_shape, a.dtype, a.device)
     ep = epilogue or {}
     ids = ep.get("ids")
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -236,7 +235,7 @@ def _matmul(a: torch.Tensor, b_ptr: torch.Tensor, stride_bk: int, stride_bn: int
         ep.get("T", 0), ep.get("KP", 1), ep.get("P", 1), ep.get("pad_id", 0), ep.get("V", 0),
         ids.stride(0) if ids is not None else 0, ids.stride(1) if ids is not None else 0,
         EPILOGUE=epilogue is not None, HAS_BIAS="bias" in ep, CROSS_PATCH=ep.get("cross_patch", False),
-        HAS_LOCAL_PAD="local_pad" in ep, UPCAST=_upcast(a.dtype), PRECISION=_dot_precision(a.dtype),
+        HAS_LOCAL_PAD="local_pad" in ep, UPCAST=ku.upcast(a.dtype), PRECISION=ku.dot_precision(a.dtype),
     )
     return c
 
@@ -260,14 +259,14 @@ def _atb(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     splits = max(1, min(m_blocks, triton.cdiv(target, tiles)))
     rows_per_split = triton.cdiv(m_blocks, splits) * BLOCK_M
     splits = triton.cdiv(M, rows_per_split)
-    partial = _alloc((splits, NA, NB), torch.float32, a.device)
+    partial = ku.alloc((splits, NA, NB), torch.float32, a.device)
     grid = (triton.cdiv(NA, BLOCK_I), triton.cdiv(NB, BLOCK_J), splits)
-    _atb_kernel[grid](a, b, partial, M, NA, NB, rows_per_split, UPCAST=_upcast(a.dtype),
-                      PRECISION=_dot_precision(a.dtype), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_M=BLOCK_M,
+    _atb_kernel[grid](a, b, partial, M, NA, NB, rows_per_split, UPCAST=ku.upcast(a.dtype),
+                      PRECISION=ku.dot_precision(a.dtype), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_M=BLOCK_M,
                       num_warps=warps, num_stages=stages)
     if splits == 1:
         return partial[0].to(dtype, copy=True)
-    return _sum_leading(partial, NA, dtype)
+    return ku.sum_leading(partial, NA, dtype)
 
 
 def _local_codes(ids: torch.Tensor, V: int, P: int, pad_id: int, cross_patch: bool,
@@ -329,7 +328,7 @@ def _global_to_local_bwd(grad: torch.Tensor, global_out: torch.Tensor, ids: torc
     dw = _atb(g, x, weight.dtype)  # dOut^T @ X
     codes = _local_codes(ids, V, P, pad_id, cross_patch, has_local_pad)
     ve = V + int(has_local_pad) + int(has_bias)
-    ext = _onehot_grad(codes, g, ve, ones_row=ve - 1 if has_bias else -1)  # (ve, D_L) fp32
+    ext = ku.onehot_grad(codes, g, ve, ones_row=ve - 1 if has_bias else -1)  # (ve, D_L) fp32
     d_table = ext[:V].to(grad.dtype, copy=True)  # copies: custom_op outputs may not alias
     d_pad = ext[V].to(grad.dtype, copy=True) if has_local_pad else grad.new_empty((0,))
     db = ext[ve - 1].to(grad.dtype, copy=True) if has_bias else grad.new_empty((0,))

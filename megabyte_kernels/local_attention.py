@@ -41,8 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _kernel_utils as ku
+from ._kernel_utils import head_dim_block, load_tile
 from .backends import interpreting
-from .flash_attention import _load_tile, head_dim_block
 
 MAX_N = 128  # the packed kernel holds whole sequences in one tile
 
@@ -102,8 +103,8 @@ def _local_fwd_kernel(Q, K, V, O, Slopes, scale, P, G, H, NQ_SEQ, NKV_SEQ, D, SP
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     c_seq, c_pos, c_ok, kv_off, kv_mask = _local_kv_cols(kv_seq0, offs_d, d_mask, P, NKV_SEQ, D, SPT_KV, BLOCK_KV)
-    k = _load_tile(K, kv_off, kv_mask, UPCAST)
-    v = _load_tile(V, kv_off, kv_mask, UPCAST)
+    k = load_tile(K, kv_off, kv_mask, UPCAST)
+    v = load_tile(V, kv_off, kv_mask, UPCAST)
     qk_scale = scale * 1.4426950408889634
     offs_r = tl.arange(0, BLOCK_Q)
     r_seq = offs_r // P
@@ -111,7 +112,7 @@ def _local_fwd_kernel(Q, K, V, O, Slopes, scale, P, G, H, NQ_SEQ, NKV_SEQ, D, SP
     for chunk in range(0, N_CHUNKS):
         qs_local, r_ok, q_off, q_mask = _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D,
                                                       SPT_KV, SPQ)
-        q = _load_tile(Q, q_off, q_mask, UPCAST)
+        q = load_tile(Q, q_off, q_mask, UPCAST)
         p = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
                          HAS_ALIBI, DOT_PREC)
         o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -133,8 +134,8 @@ def _local_bwd_kernel(Q, K, V, DO, DQ, DK, DV, Slopes, scale, P, G, H, NQ_SEQ, N
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     c_seq, c_pos, c_ok, kv_off, kv_mask = _local_kv_cols(kv_seq0, offs_d, d_mask, P, NKV_SEQ, D, SPT_KV, BLOCK_KV)
-    k = _load_tile(K, kv_off, kv_mask, UPCAST)
-    v = _load_tile(V, kv_off, kv_mask, UPCAST)
+    k = load_tile(K, kv_off, kv_mask, UPCAST)
+    v = load_tile(V, kv_off, kv_mask, UPCAST)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
@@ -144,8 +145,8 @@ def _local_bwd_kernel(Q, K, V, DO, DQ, DK, DV, Slopes, scale, P, G, H, NQ_SEQ, N
     for chunk in range(0, N_CHUNKS):
         qs_local, r_ok, q_off, q_mask = _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D,
                                                       SPT_KV, SPQ)
-        q = _load_tile(Q, q_off, q_mask, UPCAST)
-        do = _load_tile(DO, q_off, q_mask, UPCAST)
+        q = load_tile(Q, q_off, q_mask, UPCAST)
+        do = load_tile(DO, q_off, q_mask, UPCAST)
         p = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
                          HAS_ALIBI, DOT_PREC)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
@@ -217,13 +218,8 @@ def _prepare(q, k, alibi_slopes):
     return slopes, tail, meta, grid, num_warps
 
 
-def _empty_like(x):
-    """Output allocation; the tests swap in a NaN fill to prove every element is written."""
-    return torch.empty_like(x)
-
-
 def _launch_fwd(q, k, v, alibi_slopes, scale):
-    o = _empty_like(q)
+    o = ku.empty_like(q)
     if q.numel() == 0:
         return o
     slopes, tail, meta, grid, nw = _prepare(q, k, alibi_slopes)
@@ -232,7 +228,7 @@ def _launch_fwd(q, k, v, alibi_slopes, scale):
 
 
 def _launch_bwd(do, q, k, v, alibi_slopes, scale):
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    dq, dk, dv = ku.empty_like(q), ku.empty_like(k), ku.empty_like(v)
     if q.numel() == 0:
         return dq, dk, dv
     slopes, tail, meta, grid, nw = _prepare(q, k, alibi_slopes)

@@ -8,8 +8,9 @@ import torch
 from . import reference
 from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, check_same_device,
                         check_same_dtype, check_shape, num_patches)
+from . import _kernel_utils as ku
 from ._triton_compat import tl, triton
-from .backends import interpreting, prune_pinned, resolve_backend
+from .backends import resolve_backend
 from .native import patch_embed_native
 
 
@@ -80,31 +81,6 @@ def patch_embed(
 #     (t, d) looping over the batch in order; rows of pos_table past K*P get zeros.
 # ----------------------------------------------------------------------------------------------
 
-def _alloc(shape, dtype, device):
-    """Every output buffer of the Triton path comes from here (tests prefill it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _configs(full: list, interpreter: "triton.Config") -> list:
-    """Autotune configs: one small config in the interpreter (multi-config autotune fails there,
-    and each executed tl op costs the same whatever the tile), else the full GPU list, which
-    :func:`~megabyte_kernels.backends.prune_pinned` cuts to its first config when configs are
-    pinned (``MEGABYTE_PIN_CONFIGS=1``: the test suite, gpu-check's smoke stage)."""
-    return [interpreter] if interpreting() else full
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    """bf16 arithmetic is wrong in the interpreter: there, tiles are cast to fp32 after loading."""
-    return dtype == torch.bfloat16 and interpreting()
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs honour torch's TF32 switch (off by default) like torch.matmul does."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
-
-
 @triton.jit
 def _shifted_global_id(Ids, b, t, T, stride_ib, stride_it, P, pad_id, mask):
     """g_ids[b, t] = ids[b, t - P] for P <= t < T + P, else pad_id (shift + right padding).
@@ -123,9 +99,9 @@ FWD_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_D": d}, num_warps=w)
 
 
 @triton.autotune(
-    configs=_configs(FWD_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=4)),
+    configs=ku.autotune_configs(FWD_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_D": 32}, num_warps=4)),
     key=["D", "HAS_POS", "HAS_PAD_PATCH"],
-    prune_configs_by={"early_config_prune": prune_pinned},
+    prune_configs_by={"early_config_prune": ku.prune_pinned},
 )
 @triton.jit
 def _patch_embed_fwd_kernel(
@@ -159,114 +135,6 @@ def _patch_embed_fwd_kernel(
     tl.store(Out + rows[:, None] * D + cols[None, :], acc.to(Out.dtype.element_ty), mask=m2)
 
 
-@triton.jit
-def _onehot_grad_kernel(
-    Codes, G, Partial,
-    N, D, VE, rows_per_split, ones_row,
-    BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Partial[s, v, :] = sum over rows n of split s with codes[n] == v (or v == ones_row) of G[n, :].
-
-    One (BLOCK_V, BLOCK_N) one-hot tile times one (BLOCK_N, BLOCK_D) tile of G per step, on
-    tensor cores; the one-hot entries are exactly 0 or 1 so every product is exact and the sum
-    is fp32. ``ones_row`` (or -1) is a row of all ones: the column sum of G (a bias gradient).
-    """
-    tl.static_assert(BLOCK_V >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
-    pid_v = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    vs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    start = pid_s.to(tl.int64) * rows_per_split
-    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    for i in range(0, tl.cdiv(rows_per_split, BLOCK_N)):
-        ns = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = (ns < N) & (ns < start + rows_per_split)
-        codes = tl.load(Codes + ns, mask=nmask, other=-1)
-        hit = (codes[None, :] == vs[:, None]) | ((vs[:, None] == ones_row) & nmask[None, :])
-        g = tl.load(G + ns[:, None] * D + cols[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
-        if UPCAST:
-            g = g.to(tl.float32)
-        acc = tl.dot(hit.to(g.dtype), g, acc, input_precision=PRECISION)
-    out = Partial + pid_s.to(tl.int64) * VE * D + vs[:, None].to(tl.int64) * D + cols[None, :]
-    tl.store(out, acc, mask=(vs[:, None] < VE) & cmask[None, :])
-
-
-@triton.jit
-def _sum_leading_kernel(
-    X, Out, S, R_in, R_out, D, stride_xs,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Out[r, :] = sum_{s < S} X[s, r, :] for r < R_in, 0 for R_in <= r < R_out (fixed order).
-
-    X is (S, R_in, D) with rows of stride D and a leading stride ``stride_xs``.
-    """
-    pid_r = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    lmask = (rows < R_in)[:, None] & cmask[None, :]
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    x_ptrs = X + rows[:, None] * D + cols[None, :]
-    for _ in range(0, S):
-        acc += tl.load(x_ptrs, mask=lmask, other=0.0).to(tl.float32)
-        x_ptrs += stride_xs  # pointer increments: 64-bit, no int32 product s * stride
-    smask = (rows < R_out)[:, None] & cmask[None, :]
-    tl.store(Out + rows[:, None] * D + cols[None, :], acc.to(Out.dtype.element_ty), mask=smask)
-
-
-def _sum_leading(x: torch.Tensor, r_out: int, dtype: torch.dtype) -> torch.Tensor:
-    """(S, R, D) contiguous -> (r_out, D) in ``dtype``: the sum over S, zero rows past R."""
-    S, R, D = x.shape
-    out = _alloc((r_out, D), dtype, x.device)
-    BLOCK_R, BLOCK_D = (16, 32) if interpreting() else (8, 256)
-    grid = (triton.cdiv(r_out, BLOCK_R), triton.cdiv(D, BLOCK_D))
-    _sum_leading_kernel[grid](x, out, S, R, r_out, D, R * D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
-    return out
-
-
-def onehot_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """GPU (BLOCK_V, BLOCK_N, BLOCK_D, num_warps, num_stages) of the one-hot kernel.
-
-    fp32 (IEEE dot on CUDA cores) takes 64x64 tiles: 128x128 reaches the 255-register cap.
-    """
-    return (64, 32, 64, 4, 3) if dtype == torch.float32 else (128, 64, 128, 8, 3)
-
-
-def _onehot_grad(codes: torch.Tensor, g: torch.Tensor, ve: int, ones_row: int = -1) -> torch.Tensor:
-    """(VE, D) fp32 ``onehot(codes)^T @ g`` for codes (N,) int32 and g (N, D) contiguous.
-
-    Deterministic: the N rows are split over programs with fixed boundaries, each split writes
-    its own fp32 partial, and the partials are summed in a fixed order.
-    """
-    N, D = g.shape
-    if interpreting():
-        BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = 16, 16, 32, 4, 1
-        target = 2  # two splits: exercise the partial reduction with few interpreted ops
-    else:
-        BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = onehot_config(g.dtype)
-        target = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count
-    tiles = triton.cdiv(ve, BLOCK_V) * triton.cdiv(D, BLOCK_D)
-    n_blocks = triton.cdiv(N, BLOCK_N)
-    splits = max(1, min(n_blocks, triton.cdiv(target, tiles)))
-    rows_per_split = triton.cdiv(n_blocks, splits) * BLOCK_N
-    splits = triton.cdiv(N, rows_per_split)
-    partial = _alloc((splits, ve, D), torch.float32, g.device)
-    grid = (triton.cdiv(ve, BLOCK_V), triton.cdiv(D, BLOCK_D), splits)
-    _onehot_grad_kernel[grid](
-        codes, g, partial, N, D, ve, rows_per_split, ones_row,
-        BLOCK_V=BLOCK_V, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        # always IEEE: the reference's embedding backward sums in full fp32, TF32 would round dOut
-        UPCAST=_upcast(g.dtype), PRECISION="ieee", num_warps=warps, num_stages=stages,
-    )
-    if splits == 1:
-        return partial[0]
-    return _sum_leading(partial, ve, torch.float32)
-
-
 def _global_codes(ids: torch.Tensor, V: int, P: int, pad_id: int, has_pad_patch: bool) -> torch.Tensor:
     """(B*K*P,) int32: the shifted global id of each output row, V + p for pad-patch rows."""
     ids = reference._pad_to_patches(ids.to(torch.int32), P, pad_id)
@@ -288,7 +156,7 @@ def _patch_embed_fwd(ids: torch.Tensor, token_table: torch.Tensor, pos_table: Op
     table = token_table.contiguous()
     pos = pos_table.contiguous() if pos_table is not None else table  # dummy pointer when absent
     pad = pad_patch.contiguous() if pad_patch is not None else table
-    out = _alloc((B, KP // P, P * D), token_table.dtype, token_table.device)
+    out = ku.alloc((B, KP // P, P * D), token_table.dtype, token_table.device)
     N = B * KP
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
     _patch_embed_fwd_kernel[grid](
@@ -316,11 +184,11 @@ def _patch_embed_bwd(grad: torch.Tensor, ids: torch.Tensor, vocab_size: int, pos
     g = grad.contiguous().view(B * K * P, D)
     codes = _global_codes(ids, V, P, pad_id, has_pad_patch)
     ve = V + (P if has_pad_patch else 0)
-    ext = _onehot_grad(codes, g, ve)  # (ve, D) fp32
+    ext = ku.onehot_grad(codes, g, ve)  # (ve, D) fp32
     d_table = ext[:V].to(grad.dtype, copy=True)  # copies: custom_op outputs may not alias
     d_pad = ext[V:].to(grad.dtype, copy=True) if has_pad_patch else grad.new_empty((0, D))
     if has_pos:
-        d_pos = _sum_leading(g.view(B, K * P, D), pos_rows, grad.dtype)
+        d_pos = ku.sum_leading(g.view(B, K * P, D), pos_rows, grad.dtype)
     else:
         d_pos = grad.new_empty((0, D))
     return d_table, d_pos, d_pad

@@ -34,7 +34,7 @@ DOT_KERNELS = {
     "megabyte_kernels.flash_attention:_flash_bwd_dq_kernel": "BLOCK_D",
     "megabyte_kernels.local_attention:_local_fwd_kernel": "BLOCK_D",
     "megabyte_kernels.local_attention:_local_bwd_kernel": "BLOCK_D",
-    "megabyte_kernels.patch_embed:_onehot_grad_kernel": None,
+    "megabyte_kernels._kernel_utils:_onehot_grad_kernel": None,
     "megabyte_kernels.global_to_local:_g2l_matmul_kernel": None,
     "megabyte_kernels.global_to_local:_atb_kernel": None,
 }

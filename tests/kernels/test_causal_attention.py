@@ -82,12 +82,11 @@ def _assert_close(name, got, ref_low, ref64, floor):
 
 
 def _check_parity(fn, shape, alibi, dtype, floor, monkeypatch):
-    from megabyte_kernels import flash_attention as fa_mod, local_attention as la_mod
+    from megabyte_kernels import _kernel_utils as ku
 
-    # Outputs prefilled with NaN: every element must be written by a kernel.
-    nan_like = lambda x: torch.full_like(x, float("nan"))  # noqa: E731
-    monkeypatch.setattr(fa_mod, "_empty_like", nan_like)
-    monkeypatch.setattr(la_mod, "_empty_like", nan_like)
+    # Every buffer the kernels write (outputs, lse, delta) prefilled with NaN: each element must be written.
+    nan_alloc = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
+    monkeypatch.setattr(ku, "alloc", nan_alloc)
     q, k, v, do, slopes = _make(*shape, dtype)
     kw = dict(alibi_slopes=slopes if alibi else None)
     o, g = _grads(fn, q, k, v, do, **kw)
