@@ -111,9 +111,16 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder written by save_pretrained")
     _add_data_args(p, defaults=False)
     p.add_argument("--seq-len", type=int, default=None, help="evaluation window (default: the training one)")
-    p.add_argument("--strided", action="store_true",
-                   help="strided inference (MEGABYTE paper, Table 11): score twice, the second pass offset by "
-                        "P/2 bytes, and take each byte from the pass where it sits in the first half of its patch")
+    p.add_argument("--method", default=None, choices=("basic", "sliding", "strided", "both", "all"),
+                   help="how to cut the held-out bytes into windows (MEGABYTE paper, Table 11): basic = disjoint "
+                        "windows; sliding = windows every --stride bytes, each scoring only the bytes the previous "
+                        "one did not; strided = a second pass offset by P/2 bytes, each byte from the pass where it "
+                        "sits earlier in its patch; both = sliding + strided; all = a table of the four on the "
+                        "same bytes with their forward passes (default: basic)")
+    p.add_argument("--strided", action="store_true", help="the same as --method strided")
+    p.add_argument("--stride", type=int, default=None, metavar="BYTES",
+                   help="sliding / both: bytes between window starts, 1..--seq-len (--seq-len = basic; default: "
+                        "half the window rounded down to a multiple of P, so each byte keeps its slot in its patch)")
     _add_runtime_args(p)
     p.set_defaults(func=_cmd_eval)
     return p
@@ -184,8 +191,12 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    from .evaluate import run_eval
-    run_eval(a)
+    from .evaluate import EvalArgumentError, run_eval
+    try:
+        run_eval(a)
+    except EvalArgumentError as e:  # --method / --stride that cannot work: a usage error
+        print(f"megabyte eval: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
