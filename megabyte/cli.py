@@ -137,6 +137,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely bytes")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of mass >= P")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--all-ids", action="store_true",
+                   help="sample every id of the vocabulary, special ids included (default: only the 256 byte "
+                        "values and the end-of-text id; specials are never printed)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_generate)

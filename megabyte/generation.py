@@ -26,6 +26,10 @@ byte ``t``, in patch ``t // P`` at slot ``t % P``):
   step. Rows are *ragged*: each prompt keeps its own length and patch phase, so there is no
   left-padding and no pad byte ever enters the model (see :func:`generate`).
 
+Vocabulary: by default (``vocab="bytes"``) only the 256 byte values and ``eos_id`` can be
+sampled: :func:`restrict_logits` sets the other logits to ``-inf`` before any sampling rule, in
+the cached and the recompute loop alike; ``vocab="all"`` samples all V ids.
+
 Positions: with ``positions="learned"`` byte ``t`` needs row ``(t // P + 1) * P - 1`` of the
 table, exactly as the full forward over ``t + 1`` bytes does; :func:`generate` raises a clear
 ``ValueError`` before decoding when that passes ``T_MAX``. ALiBi and ``none`` generate past it.
@@ -43,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["KVCache", "CachedDecoder", "generate", "generate_stream", "generate_uncached", "sample_next",
-           "as_prompts"]
+           "as_prompts", "VOCABS", "allowed_ids", "restrict_logits"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,6 +351,47 @@ class CachedDecoder:
 # sampling
 
 
+VOCABS = ("bytes", "all")
+N_BYTES = 256  # ids 0..255 are the byte values
+
+
+def check_vocab(vocab) -> None:
+    """``vocab`` must be one of :data:`VOCABS` (a clear ``ValueError`` otherwise)."""
+    if not (isinstance(vocab, str) and vocab in VOCABS):
+        raise ValueError(f"vocab must be 'bytes' (the 256 byte values, plus eos_id when given) or 'all' "
+                         f"(every id of the vocabulary, specials included), got {vocab!r}")
+
+
+def allowed_ids(V: int, vocab: str = "bytes", eos_id=None, device=None) -> torch.Tensor | None:
+    """The ids generation may sample, as a (V,) bool mask, or None when every id is allowed.
+
+    ``vocab="bytes"``: ``allowed[i] = i < 256 or i in eos_id`` (``eos_id``: None, an int, or
+    several ints); ``vocab="all"``: None (all V ids, specials included).
+    """
+    check_vocab(vocab)
+    if vocab == "all":
+        return None
+    allowed = torch.arange(V, device=device) < N_BYTES
+    if isinstance(eos_id, torch.Tensor):
+        eos_id = eos_id.flatten().tolist()
+    eos = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else [int(e) for e in eos_id]
+    for e in eos:
+        if 0 <= e < V:
+            allowed[e] = True
+    return allowed
+
+
+def restrict_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` (..., V) with the ids outside ``allowed`` (V,) bool set to ``-inf`` (None: unchanged).
+
+    Applied before :func:`sample_next`, so greedy, temperature, top-k and top-p all see only the
+    allowed ids (``softmax`` gives the others probability exactly 0).
+    """
+    if allowed is None:
+        return logits
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
 def check_sampling_args(temperature, top_k, top_p) -> None:
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
@@ -390,13 +435,16 @@ def _generator(seed: int | None, device) -> torch.Generator | None:
 
 
 def _decode_iter(model, prompts: list[torch.Tensor], max_new_bytes: int, temperature, top_k, top_p, eos_id,
-                 seed) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yields ``(rows, ids, logits)`` per step: the still active rows, their new ids, the logits."""
+                 seed, vocab) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yields ``(rows, ids, logits)`` per step: the still active rows, their new ids, the logits
+    (restricted to ``vocab``: disallowed ids at ``-inf``)."""
     dec = CachedDecoder(model, prompts, max_new_bytes)
     gen = _generator(seed, dec.device)
+    allowed = allowed_ids(model.config.V, vocab, eos_id, dec.device)
     logits = dec.prefill()
     rows = torch.arange(dec.B)
     for i in range(max_new_bytes):
+        logits = restrict_logits(logits, allowed)
         nxt = sample_next(logits, temperature, top_k, top_p, gen)
         yield rows, nxt, logits
         if eos_id is not None:
@@ -407,11 +455,12 @@ def _decode_iter(model, prompts: list[torch.Tensor], max_new_bytes: int, tempera
         logits = dec.step(rows, nxt)
 
 
-def _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id):
+def _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id, vocab):
     cfg = model.config
     if not isinstance(max_new_bytes, int) or isinstance(max_new_bytes, bool) or max_new_bytes < 0:
         raise ValueError(f"max_new_bytes must be an int >= 0, got {max_new_bytes!r}")
     check_sampling_args(temperature, top_k, top_p)
+    check_vocab(vocab)
     if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < cfg.V):
         raise ValueError(f"eos_id must be None or an id in [0, {cfg.V}), got {eos_id!r}")
     prompts = as_prompts(prompt_ids, cfg.V)
@@ -433,7 +482,7 @@ class _EvalMode:
 
 def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
-             return_logits: bool = False):
+             vocab: str = "bytes", return_logits: bool = False):
     """Generate up to ``max_new_bytes`` ids after each prompt with cached incremental decoding.
 
     Prompts are *ragged*: a (B, T) tensor, or a list of 1-D tensors / lists of ints / ``bytes`` /
@@ -445,11 +494,16 @@ def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0,
     its ``eos_id`` a row is filled with ``config.pad_id``. ``eos_id=None`` never stops early.
     Sampling: ``temperature=0`` is greedy (argmax); otherwise softmax(logits / temperature) with
     optional ``top_k`` / ``top_p`` (nucleus) filtering, drawn from a ``torch.Generator`` seeded
-    with ``seed`` (None: the global RNG). All V ids can be sampled, specials included.
-    With ``return_logits=True`` also returns the next-byte logits (B, N, V) of every step (zero
-    for rows that had stopped). The model runs in eval mode (dropout off), restored afterwards.
+    with ``seed`` (None: the global RNG).
+    Vocabulary: ``vocab="bytes"`` (default) samples only the 256 byte values, plus ``eos_id`` when
+    one is given, so the output holds ids < 256, ``eos_id``, and ``pad_id`` after EOS; the other
+    logits are set to ``-inf`` before greedy / temperature / top-k / top-p. ``vocab="all"``
+    samples all V ids, specials included. Any other value raises ``ValueError``.
+    With ``return_logits=True`` also returns the next-byte logits (B, N, V) of every step, as
+    sampled from (``-inf`` outside ``vocab``; zero for rows that had stopped). The model runs in
+    eval mode (dropout off), restored afterwards.
     """
-    prompts = _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id)
+    prompts = _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id, vocab)
     cfg = model.config
     device = model.g_embedder.weight.device
     B = len(prompts)
@@ -460,7 +514,7 @@ def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0,
     if max_new_bytes > 0 and B > 0:
         with _EvalMode(model):
             for i, (rows, nxt, logits) in enumerate(
-                    _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed)):
+                    _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed, vocab)):
                 rd = rows.to(device)
                 out[rd, i] = nxt
                 if return_logits:
@@ -471,12 +525,14 @@ def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0,
 
 
 def generate_stream(model, prompt, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None, eos_id: int | None = None, seed: int | None = None) -> Iterator[int]:
+                    top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
+                    vocab: str = "bytes") -> Iterator[int]:
     """Yield the ids generated after one prompt, one at a time as they are produced (cached).
 
-    Stops after ``max_new_bytes`` ids or after yielding ``eos_id``. Same arguments as :func:`generate`.
+    Stops after ``max_new_bytes`` ids or after yielding ``eos_id``. Same arguments as :func:`generate`
+    (``vocab="bytes"``: only byte values and ``eos_id`` are yielded).
     """
-    prompts = _validate(model, prompt, max_new_bytes, temperature, top_k, top_p, eos_id)
+    prompts = _validate(model, prompt, max_new_bytes, temperature, top_k, top_p, eos_id, vocab)
     if len(prompts) != 1:
         raise ValueError(f"generate_stream takes one prompt, got {len(prompts)}")
     if max_new_bytes == 0:
@@ -484,7 +540,8 @@ def generate_stream(model, prompt, max_new_bytes: int, *, temperature: float = 1
     was = model.training
     model.eval()
     try:
-        for _, nxt, _ in _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed):
+        for _, nxt, _ in _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed,
+                                      vocab):
             yield int(nxt[0])
     finally:
         model.train(was)
@@ -493,27 +550,28 @@ def generate_stream(model, prompt, max_new_bytes: int, *, temperature: float = 1
 @torch.no_grad()
 def generate_uncached(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
-                      return_logits: bool = False):
+                      vocab: str = "bytes", return_logits: bool = False):
     """Reference decoding by full recomputation: a plain loop over ``model.forward``.
 
     For each new byte t the whole sequence so far plus one dummy byte is run through the model
     and the logits at position t are read (they do not depend on the dummy: causality). Rows are
-    decoded one at a time (ragged prompts). Same arguments and result as :func:`generate`; slow,
-    for tests and benchmarks.
+    decoded one at a time (ragged prompts). Same arguments and result as :func:`generate` (the
+    same ``vocab`` restriction, applied by :func:`restrict_logits`); slow, for tests and benchmarks.
     """
-    prompts = _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id)
+    prompts = _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id, vocab)
     cfg = model.config
     device = model.g_embedder.weight.device
     B = len(prompts)
     out = torch.full((B, max_new_bytes), cfg.pad_id, dtype=torch.long, device=device)
     all_logits = torch.zeros(B, max_new_bytes, cfg.V, device=device, dtype=model.g_embedder.weight.dtype)
+    allowed = allowed_ids(cfg.V, vocab, eos_id, device)
     n = 0
     with _EvalMode(model):
         for b, p in enumerate(prompts):
             gen = _generator(seed, device)
             ids = torch.cat([p.to(device), torch.zeros(1, dtype=torch.long, device=device)])[None]  # + dummy
             for i in range(max_new_bytes):
-                logits = model(ids).lm_logits[:, -1]
+                logits = restrict_logits(model(ids).lm_logits[:, -1], allowed)
                 nxt = sample_next(logits, temperature, top_k, top_p, gen)
                 out[b, i] = nxt[0]
                 all_logits[b, i] = logits[0].to(all_logits.dtype)

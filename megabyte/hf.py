@@ -12,7 +12,9 @@ Conventions. MEGABYTE's own logits at position t predict byte t from bytes < t; 
 causal-LM logits at position t predict the *next* token t + 1. The wrapper's ``forward`` runs the
 model on ``input_ids`` plus one dummy byte and returns ``lm_logits[:, 1:]``, so ``logits[:, t]``
 is the distribution of byte t + 1 given bytes <= t and everything in ``GenerationMixin``
-(greedy, sampling, beam search, logits processors) works unchanged. The ``transformers`` loop
+(greedy, sampling, beam search, logits processors) works unchanged. ``generate`` adds one
+default processor, :class:`ByteVocabLogitsProcessor` (byte values and EOS only, applied before
+temperature / top-k / top-p; ``generate(..., vocab="all")`` turns it off). The ``transformers`` loop
 recomputes the whole model at each step (no Hugging Face cache); :meth:`generate_cached`
 (= :func:`megabyte.generation.generate`) is the fast path.
 
@@ -30,14 +32,16 @@ import torch.nn.functional as F
 
 try:
     from transformers import AddedToken, GenerationMixin, PretrainedConfig, PreTrainedModel, PreTrainedTokenizer
+    from transformers.generation.logits_process import LogitsProcessor
     from transformers.modeling_outputs import CausalLMOutput
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("megabyte.hf needs the `transformers` package: pip install 'megabyte-kernels[hf]'") from e
 
 from .config import MegabyteConfig
+from .generation import allowed_ids, check_vocab, restrict_logits
 from .model import Megabyte
 
-__all__ = ["MegabyteHFConfig", "MegabyteForCausalLM", "MegabyteTokenizer"]
+__all__ = ["MegabyteHFConfig", "MegabyteForCausalLM", "MegabyteTokenizer", "ByteVocabLogitsProcessor"]
 
 
 class MegabyteHFConfig(PretrainedConfig):
@@ -56,6 +60,20 @@ class MegabyteHFConfig(PretrainedConfig):
 
     def to_megabyte_config(self) -> MegabyteConfig:
         return MegabyteConfig.from_dict(dict(self.megabyte))
+
+
+class ByteVocabLogitsProcessor(LogitsProcessor):
+    """Restrict generation to the 256 byte values plus the EOS id(s): other scores become ``-inf``.
+
+    ``scores`` (B, V) -> (B, V), ``scores[:, i] = -inf`` unless ``i < 256`` or ``i`` is an EOS id
+    (:func:`megabyte.generation.restrict_logits`, the mask of ``Megabyte.generate(vocab="bytes")``).
+    """
+
+    def __init__(self, vocab_size: int, eos_token_id=None):
+        self.allowed = allowed_ids(vocab_size, "bytes", eos_token_id)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return restrict_logits(scores, self.allowed)
 
 
 class MegabyteForCausalLM(PreTrainedModel, GenerationMixin):
@@ -109,6 +127,30 @@ class MegabyteForCausalLM(PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def generate(self, *args, vocab: str = "bytes", **kwargs):
+        """``GenerationMixin.generate`` that samples only byte values and EOS by default.
+
+        ``vocab="bytes"`` (default): a :class:`ByteVocabLogitsProcessor` runs first, before any
+        temperature / top-k / top-p warper, so new tokens are ids < 256, EOS, or ``pad_token_id``
+        after EOS. ``vocab="all"``: every id can be sampled, as plain ``transformers``.
+        ``forward``'s logits are never restricted.
+        """
+        check_vocab(vocab)
+        previous, self._generate_vocab = getattr(self, "_generate_vocab", "bytes"), vocab
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._generate_vocab = previous
+
+    def _get_logits_processor(self, generation_config, *args, **kwargs):
+        """The default processors, with :class:`ByteVocabLogitsProcessor` first unless ``vocab="all"``."""
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        if getattr(self, "_generate_vocab", "bytes") == "bytes":
+            eos = getattr(generation_config, "_eos_token_tensor", None)
+            eos = generation_config.eos_token_id if eos is None else eos
+            processors.insert(0, ByteVocabLogitsProcessor(self.megabyte.config.V, eos))
+        return processors
 
     def generate_cached(self, prompt_ids, max_new_bytes: int, **kwargs) -> torch.Tensor:
         """The fast path: :func:`megabyte.generation.generate` (ragged prompts, new ids only)."""

@@ -1,7 +1,8 @@
 """Text from a trained model, for a person to read: ``megabyte generate`` and the training sample.
 
 - :func:`run_generate` is ``megabyte generate``: load a checkpoint, echo the prompt, stream the
-  sampled bytes to stdout as they come (cached decoding, :func:`megabyte.generation.generate_stream`).
+  sampled bytes to stdout as they come (cached decoding, :func:`megabyte.generation.generate_stream`,
+  restricted to byte values and the end-of-text id unless ``--all-ids``).
 - :func:`sample` is the few hundred bytes ``megabyte train`` prints at the end: a plain loop over
   the full forward, bytes only, seeded on the CPU, so a run's sample is reproducible.
 
@@ -65,9 +66,11 @@ def _stream_ids(model, args):
 
     With learned positions, generation past the position table continues from the last
     half-window of bytes (the cache is rebuilt), so ``--max-bytes`` is not bounded by T_MAX. Each
-    such chunk is seeded ``--seed + chunk`` so that a seeded run is reproducible.
+    such chunk is seeded ``--seed + chunk`` so that a seeded run is reproducible. Only byte
+    values and the end-of-text id are sampled, unless ``--all-ids`` (every id, specials included).
     """
     cfg = model.config
+    vocab = "all" if getattr(args, "all_ids", False) else "bytes"
     ctx = list(args.prompt.encode("utf-8"))
     remaining, chunk = args.max_bytes, 0
     window = (cfg.T_MAX // cfg.P) * cfg.P if cfg.positions == "learned" else None
@@ -80,7 +83,7 @@ def _stream_ids(model, args):
             n = remaining
         seed = None if args.seed is None else args.seed + chunk
         for i in generate_stream(model, [ctx], n, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, eos_id=cfg.eos_id, seed=seed):
+                                 top_p=args.top_p, eos_id=cfg.eos_id, seed=seed, vocab=vocab):
             remaining -= 1
             if i == cfg.eos_id:
                 return
@@ -94,7 +97,8 @@ def run_generate(args, stream=None) -> int:
 
     Bytes are decoded incrementally as UTF-8; invalid sequences come out as U+FFFD (and anything
     the stream's encoding cannot show is replaced too), so odd bytes never crash the command.
-    Special ids (>= 256) are not bytes and are not printed; ``eos_id`` ends the text.
+    Only bytes and ``eos_id`` (which ends the text) are sampled; with ``--all-ids`` other special
+    ids (>= 256) can be sampled too, and are not printed.
     Returns the exit code (2 for an unusable argument or checkpoint, with a one-line message).
     """
     stream = stream if stream is not None else sys.stdout

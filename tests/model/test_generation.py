@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megabyte import Megabyte, MegabyteConfig
-from megabyte.generation import generate, generate_stream, generate_uncached, sample_next
+from megabyte.generation import allowed_ids, generate, generate_stream, generate_uncached, restrict_logits, sample_next
 
 from .test_model import TINY, VARIANTS, make
 
@@ -16,15 +16,20 @@ def prompts_of(lens, seed=3):
     return [torch.randint(0, 256, (n,), generator=g) for n in lens]
 
 
+@pytest.mark.parametrize("vocab", ["bytes", "all"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_greedy_cached_equals_full_recompute(name):
+def test_greedy_cached_equals_full_recompute(name, vocab):
     """Same bytes as greedy decoding by full recomputation, same next-byte distributions at every
-    step (atol 1e-4 fp32), for a ragged batch that crosses several patch borders."""
+    step (atol 1e-4 fp32), for a ragged batch that crosses several patch borders; the vocabulary
+    restriction is the same in both paths."""
     model = make(**VARIANTS[name])
     prompts = prompts_of(PROMPT_LENS)
     new = 14
-    ids, logits = generate(model, prompts, new, temperature=0, return_logits=True)
-    ref_ids, ref_logits = generate_uncached(model, prompts, new, temperature=0, return_logits=True)
+    ids, logits = generate(model, prompts, new, temperature=0, vocab=vocab, return_logits=True)
+    ref_ids, ref_logits = generate_uncached(model, prompts, new, temperature=0, vocab=vocab, return_logits=True)
+    masked = torch.isneginf(logits)
+    assert torch.equal(masked, torch.isneginf(ref_logits))
+    assert masked[..., 256:].all() if vocab == "bytes" else not masked.any()
     assert ids.shape == (len(prompts), new)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(logits.softmax(-1), ref_logits.softmax(-1), atol=1e-4, rtol=0)
@@ -94,6 +99,80 @@ def test_eos_stops_rows_and_pads_after():
     assert streamed == free[0, :stops[0]].tolist()
 
 
+# ----------------------------------------------------------------------------------------------
+# the vocabulary: bytes (and EOS) by default, every id with vocab="all"
+
+SAMPLERS = {"greedy": dict(temperature=0), "sampled": dict(temperature=1.0, seed=0),
+            "top_k": dict(temperature=0.8, top_k=40, seed=1), "top_p": dict(temperature=1.2, top_p=0.9, seed=2)}
+
+
+def untrained_512(eos_bias=0.0):
+    """The untrained V=512 model (initializer_range 0.3) that emits special ids such as 302 or 464;
+    ``eos_bias`` raises the EOS logit so that some rows stop early."""
+    model = make(V=512)
+    with torch.no_grad():
+        model.to_logits.bias[model.config.eos_id] += eos_bias
+    return model
+
+
+def assert_bytes_eos_then_pad(out, eos, pad):
+    """Each row: ids < 256, then optionally ``eos`` followed by ``pad`` only. Returns rows that stopped."""
+    stopped = 0
+    for row in out.tolist():
+        cut = row.index(eos) if eos in row else len(row)
+        assert all(i < 256 for i in row[:cut]), row
+        assert all(i == pad for i in row[cut + 1:]), row
+        stopped += eos in row
+    return stopped
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_default_vocab_samples_only_bytes_and_eos(sampler):
+    kw = SAMPLERS[sampler]
+    cfg = untrained_512().config
+    prompts = prompts_of(PROMPT_LENS)
+    free = generate(untrained_512(), prompts, 16, vocab="all", **kw)
+    assert (free >= 256).sum() > 5  # the case of the issue: ids that are neither bytes nor EOS
+    assert ((generate(untrained_512(), prompts, 16, **kw)) < 256).all()  # eos_id=None: bytes only
+    out = generate(untrained_512(eos_bias=3.0), prompts, 16, eos_id=cfg.eos_id, **kw)
+    assert 0 < assert_bytes_eos_then_pad(out, cfg.eos_id, cfg.pad_id) < len(prompts)  # some rows stopped
+    alone = generate(untrained_512(eos_bias=3.0), prompts[1:2], 16, eos_id=cfg.eos_id, **kw)
+    streamed = list(generate_stream(untrained_512(eos_bias=3.0), prompts[1], 16, eos_id=cfg.eos_id, **kw))
+    assert streamed == alone[0].tolist()[:len(streamed)] and all(i < 256 or i == cfg.eos_id for i in streamed)
+
+
+def test_all_vocab_emits_special_ids():
+    model = untrained_512()
+    prompts = prompts_of(PROMPT_LENS)
+    greedy = model.generate(prompts, 16, temperature=0, vocab="all")
+    sampled = model.generate(prompts, 16, temperature=1.0, seed=0, vocab="all")
+    assert (greedy >= 256).any() and (sampled >= 256).any()
+    assert not torch.equal(greedy, model.generate(prompts, 16, temperature=0))
+
+
+@pytest.mark.parametrize("sampler", ["sampled", "top_k", "top_p"])
+@pytest.mark.parametrize("vocab", ["bytes", "all"])
+def test_seeded_sampling_cached_equals_full_recompute(sampler, vocab):
+    """One prompt at a time (one RNG stream per row in the reference): the same sampled ids."""
+    model = untrained_512(eos_bias=1.0)
+    for p in prompts_of((0, 5, 12)):
+        kw = dict(SAMPLERS[sampler], eos_id=model.config.eos_id, vocab=vocab)
+        assert torch.equal(generate(model, [p], 14, **kw), generate_uncached(model, [p], 14, **kw))
+
+
+def test_restrict_logits_masks_before_every_sampling_rule():
+    logits = torch.tensor([[0.0, 1.0, 9.0, 8.0]])  # ids 2 and 3 the most likely, but not allowed
+    allowed = torch.tensor([True, True, False, False])
+    masked = restrict_logits(logits, allowed)
+    assert torch.equal(masked, torch.tensor([[0.0, 1.0, -float("inf"), -float("inf")]]))
+    assert int(sample_next(masked, 0)) == 1
+    assert int(sample_next(masked, 1.0, top_k=1)) == 1  # top-k among the allowed ids
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample_next(masked, 1.0, top_p=0.99, generator=g)) for _ in range(200)} == {0, 1}
+    assert torch.equal(allowed_ids(300, "bytes", 258), (torch.arange(300) < 256) | (torch.arange(300) == 258))
+    assert allowed_ids(300, "bytes", None).sum() == 256 and allowed_ids(300, "all", 258) is None
+
+
 def test_seeded_sampling_is_reproducible():
     model = make()
     prompts = prompts_of((4, 9))
@@ -160,6 +239,8 @@ def test_training_mode_restored_and_dropout_off():
     (dict(top_k=0), "top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(eos_id=10_000), "eos_id"),
+    (dict(vocab="ascii"), r"vocab must be 'bytes' .* or 'all'"),
+    (dict(vocab=None), "vocab"),
 ])
 def test_bad_arguments_raise(kw, match):
     model = make()

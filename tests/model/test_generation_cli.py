@@ -112,6 +112,45 @@ def test_invalid_utf8_is_replaced_never_crashes(tmp_path):
     assert rec.getvalue() == "\ufffd\n"
 
 
+def test_generate_prints_only_bytes_unless_all_ids(tmp_path):
+    """A checkpoint whose greedy choice is the special id 260: by default the command samples the
+    best *byte* every step and prints max-bytes of them; with --all-ids it samples 260 and prints none."""
+    torch.manual_seed(0)
+    model = Megabyte(MegabyteConfig(**TINY))  # V = 264
+    with torch.no_grad():
+        model.to_logits.bias[260] = 100.0
+        model.to_logits.bias[ord("a")] = 50.0
+    model.save_pretrained(tmp_path)
+    rec = Recorder()
+    assert run_generate(_args("--checkpoint", str(tmp_path), "--prompt", "é", "--max-bytes", "6",
+                              "--temperature", "0"), stream=rec) == 0
+    assert rec.getvalue() == "é" + "a" * 6 + "\n"
+    rec = Recorder()
+    assert run_generate(_args("--checkpoint", str(tmp_path), "--prompt", "é", "--max-bytes", "6",
+                              "--temperature", "0", "--all-ids"), stream=rec) == 0
+    assert rec.getvalue() == "é\n"
+
+
+def test_generate_from_an_untrained_model_samples_bytes(tmp_path):
+    """The untrained V=512 model (initializer_range 0.3) of the issue: every sampled id is a byte or EOS."""
+    model = make(V=512)
+    model.save_pretrained(tmp_path)
+    argv = ("--checkpoint", str(tmp_path), "--prompt", "hi", "--max-bytes", "24", "--seed", "0", "--threads", "1")
+    ids = list(generate_stream(model, b"hi", 24, seed=0, eos_id=model.config.eos_id))
+    assert all(i < 256 for i in ids[:-1]) and (ids[-1] < 256 or ids[-1] == model.config.eos_id)
+    rec = Recorder()
+    assert run_generate(_args(*argv), stream=rec) == 0
+    assert rec.getvalue() == "hi" + bytes(i for i in ids if i < 256).decode("utf-8", errors="replace") + "\n"
+    all_ids = list(generate_stream(model, b"hi", 24, seed=0, eos_id=model.config.eos_id, vocab="all"))
+    assert any(i >= 256 and i != model.config.eos_id for i in all_ids)  # what --all-ids can sample
+    rec_all = Recorder()
+    assert run_generate(_args(*argv, "--all-ids"), stream=rec_all) == 0
+    cut = all_ids.index(model.config.eos_id) if model.config.eos_id in all_ids else len(all_ids)
+    assert rec_all.getvalue() == "hi" + bytes(i for i in all_ids[:cut] if i < 256).decode(
+        "utf-8", errors="replace") + "\n"
+    assert rec_all.getvalue() != rec.getvalue()
+
+
 def test_generate_clear_errors(tmp_path, checkpoint, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert main(["generate", "--checkpoint", str(checkpoint), "--top-p", "2"]) == 2
