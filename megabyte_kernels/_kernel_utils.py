@@ -6,7 +6,8 @@
   the one pinning switch, ``MEGABYTE_PIN_CONFIGS=1`` (:func:`configs_pinned`,
   :func:`prune_pinned`).
 * **Numerics**: :func:`upcast` (the interpreter's bf16), :func:`dot_precision` (TF32 like
-  torch.matmul), :func:`head_dim_block`.
+  torch.matmul), :func:`head_dim_block`; the attention kernels' mode flags and ALiBi slopes
+  (:func:`attention_flags`, :func:`slopes_arg`).
 * **Tile helper** ``@triton.jit`` :func:`load_tile`.
 * **The deterministic table gradient** both byte-level ops use (patch_embed's token table and
   pad patch, global_to_local's local table, local pad and bias): :func:`onehot_grad`, a one-hot
@@ -72,6 +73,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
         return "tf32"
     return "ieee"
+
+
+def attention_flags(dtype: torch.dtype, alibi_slopes) -> dict:
+    """The mode constexprs both attention families take: HAS_ALIBI, UPCAST (:func:`upcast`) and
+    DOT_PREC, exact IEEE products for fp32 inputs (TF32 would break the fp32 tolerance)."""
+    return dict(HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast(dtype),
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+
+
+def slopes_arg(alibi_slopes, device) -> torch.Tensor:
+    """ALiBi slopes as the kernels read them, (H,) fp32 contiguous; a 1-element dummy without."""
+    if alibi_slopes is None:
+        return torch.empty(1, dtype=torch.float32, device=device)
+    return alibi_slopes.detach().to(torch.float32).contiguous()
 
 
 def head_dim_block(d: int) -> int:

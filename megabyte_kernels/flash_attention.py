@@ -362,9 +362,8 @@ def launch_configs(kind: str, block_d: int, dtype: torch.dtype) -> list:
     """The triton.Config list a launch of ``kind`` tunes over: the interpreter's single config
     (multi-config autotune fails there), else :func:`gpu_configs`; pinned to its first entry by
     ``MEGABYTE_PIN_CONFIGS=1`` (:func:`~megabyte_kernels._kernel_utils.prune_pinned`)."""
-    if interpreting():
-        return [triton.Config(INTERP[kind], num_warps=4, num_stages=1)]
-    return _cfgs(gpu_configs(kind, block_d, dtype))
+    return ku.autotune_configs(_cfgs(gpu_configs(kind, block_d, dtype)),
+                               triton.Config(INTERP[kind], num_warps=4, num_stages=1))
 
 
 def _tuned(kernel, kind, block_d, dtype):
@@ -384,23 +383,6 @@ def _n_bucket(N: int) -> int:
     return min(triton.next_power_of_2(N), 32768)
 
 
-def _common(q: torch.Tensor, alibi_slopes):
-    interp = interpreting()
-    return dict(
-        HAS_ALIBI=alibi_slopes is not None,
-        # The interpreter's bf16 arithmetic is wrong (DESIGN.md §4): upcast the tiles there.
-        UPCAST=interp and q.dtype == torch.bfloat16,
-        # fp32 inputs: exact fp32 products (tf32 would break the fp32 tolerance).
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-
-
-def _slopes_arg(alibi_slopes, q):
-    if alibi_slopes is None:
-        return torch.empty(1, dtype=torch.float32, device=q.device)
-    return alibi_slopes.detach().to(torch.float32).contiguous()
-
-
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
@@ -412,8 +394,8 @@ def _launch_fwd(q, k, v, alibi_slopes, scale):
     if N == 0 or B * H == 0:
         return o, lse
     BLOCK_D = head_dim_block(D)
-    args = (q, k, v, o, lse, _slopes_arg(alibi_slopes, q), float(scale), N, D, H, G, _n_bucket(N))
-    meta = dict(BLOCK_D=BLOCK_D, **_common(q, alibi_slopes))
+    args = (q, k, v, o, lse, ku.slopes_arg(alibi_slopes, q.device), float(scale), N, D, H, G, _n_bucket(N))
+    meta = dict(BLOCK_D=BLOCK_D, **ku.attention_flags(q.dtype, alibi_slopes))
     kern = _tuned(_flash_fwd_kernel, "fwd", BLOCK_D, q.dtype)
     kern[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*args, **meta)
     return o, lse
@@ -431,8 +413,8 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
     pre_m = pre_block_m(BLOCK_D)
     _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m) * B * H,)](o, do, delta, N, D, BLOCK_M=pre_m,
                                                                     BLOCK_D=BLOCK_D)
-    slopes = _slopes_arg(alibi_slopes, q)
-    meta = dict(BLOCK_D=BLOCK_D, **_common(q, alibi_slopes))
+    slopes = ku.slopes_arg(alibi_slopes, q.device)
+    meta = dict(BLOCK_D=BLOCK_D, **ku.attention_flags(q.dtype, alibi_slopes))
     tail = (float(scale), N, D, H, G, _n_bucket(N))
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, slopes) + tail
     dq_args = (q, k, v, do, lse, delta, dq, slopes) + tail

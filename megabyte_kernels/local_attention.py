@@ -203,14 +203,9 @@ def _prepare(q, k, alibi_slopes):
     BLOCK_D = head_dim_block(D)
     elt = q.element_size()
     t = tiling(P, G, tile_rows_target(BLOCK_D, elt))
-    slopes = (torch.empty(1, dtype=torch.float32, device=q.device) if alibi_slopes is None
-              else alibi_slopes.detach().to(torch.float32).contiguous())
-    meta = dict(
-        HAS_ALIBI=alibi_slopes is not None,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16,  # interpreter bf16 arithmetic is wrong
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_Q=t["BLOCK_Q"], BLOCK_KV=t["BLOCK_KV"], BLOCK_D=BLOCK_D,
-    )
+    slopes = ku.slopes_arg(alibi_slopes, q.device)
+    meta = dict(**ku.attention_flags(q.dtype, alibi_slopes),
+                BLOCK_Q=t["BLOCK_Q"], BLOCK_KV=t["BLOCK_KV"], BLOCK_D=BLOCK_D)
     nkv = B * k.shape[1]
     tail = (P, G, H, B * H, nkv, D, t["SPT_KV"], t["SPQ"], t["N_CHUNKS"])
     grid = (triton.cdiv(nkv, t["SPT_KV"]),)
