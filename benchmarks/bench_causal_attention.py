@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import bench_ms, device_record, format_rows, reference_impls, run_context
 from megabyte_kernels import reference
-from megabyte_kernels.attention import flash_attention, local_attention
+from megabyte_kernels.attention import causal_attention, flash_attention, local_attention
 
 
 def _shapes(device: str, quick: bool):
@@ -70,6 +70,8 @@ def _impls(device, family):
             with ctx():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         impls[f"sdpa[{name}]"] = sdpa
+    if not is_cuda:  # the CPU path of backend="native": batched matmuls up to CPU_MATMUL_MAX_N
+        impls["native"] = lambda q, k, v: causal_attention(q, k, v, backend="native")
     if is_cuda:
         impls["triton"] = flash_attention if family == "flash" else local_attention
         if family == "flash":

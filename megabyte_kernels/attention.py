@@ -108,8 +108,51 @@ def _triton_causal_attention(q, k, v, *, alibi_slopes=None, scale=None) -> torch
     return impl(q, k, v, alibi_slopes, scale)
 
 
-# backend="native" (the csrc/ CPU ops) has no attention kernel of its own: on CPU the reference
-# already runs ATen's fused CPU attention (scaled_dot_product_attention), so a native model
-# uses it for attention and the csrc/ ops for the byte-level ops.
+# Sequences up to this length take the batched-matmul path of backend="native" on CPU; longer
+# ones ATen's fused attention. Measured fwd+bwd, fp32, 1 thread of the 2-core CPU machine, best of
+# 15 (ATen fused / batched matmul), multi-query: (B, H, N, d) = (512, 2, 8, 32): 6.2 / 3.1 ms;
+# (512, 4, 16, 16) GQA 2: 18.4 / 7.2; (256, 8, 32, 32): 57 / 37; (64, 4, 64, 64): 33 / 26;
+# (4, 4, 128, 64): 6.7 / 5.6; (16, 4, 256, 64): 74 / 72; (1, 4, 512, 64): 18 / 24.
+# `python -m benchmarks.bench_causal_attention --quick` times the `native` rows against SDPA.
+CPU_MATMUL_MAX_N = 128
+
+
+def _native_causal_attention(q, k, v, *, alibi_slopes=None, scale=None) -> torch.Tensor:
+    """backend="native" (CPU): the same math as the reference, laid out for short sequences.
+
+    ATen's fused CPU attention works in blocks of rows and pays a fixed cost per (batch, head);
+    the local model runs B*K sequences of P <= 64 bytes, where that cost dominates. For
+    N <= ``CPU_MATMUL_MAX_N`` the G = Hq / Hkv query heads of a key/value head are stacked into
+    one (G*N, d) matrix, so that with k, v never expanded:
+
+        s = baddbmm(bias, q_g, k^T, alpha=scale)   (B*Hkv, G*N, N), bias = causal -inf (+ ALiBi)
+        o = softmax(s) @ v                          (B*Hkv, G*N, d) -> (B, Hq, N, d)
+
+    16-bit inputs are computed in fp32. Longer sequences go to the reference (fused, O(N) memory).
+    """
+    B, Hq, N, d = q.shape
+    if N > CPU_MATMUL_MAX_N or q.device.type != "cpu":
+        return reference.causal_attention(q, k, v, alibi_slopes=alibi_slopes, scale=scale)
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    dt = q.dtype
+    work = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+    if alibi_slopes is None:  # (1, G*N, N): the causal mask, once per stacked head
+        i = torch.arange(N, device=q.device)
+        bias = torch.zeros(N, N, dtype=work, device=q.device).masked_fill_(i[None, :] > i[:, None], float("-inf"))
+        bias = bias.repeat(G, 1)[None]
+    else:  # (Hkv, G*N, N), or (B*Hkv, G*N, N) when it cannot broadcast over the batch
+        bias = reference.alibi_bias(alibi_slopes, N, work).reshape(Hkv, G * N, N)
+        bias = bias.repeat(B, 1, 1) if Hkv > 1 else bias
+    qg = q.to(work).reshape(B * Hkv, G * N, d)
+    s = torch.baddbmm(bias, qg, k.to(work).reshape(B * Hkv, N, d).transpose(1, 2),
+                      alpha=d ** -0.5 if scale is None else scale)
+    o = torch.bmm(torch.softmax(s, dim=-1), v.to(work).reshape(B * Hkv, N, d))
+    return o.view(B, Hq, N, d).to(dt)
+
+
+# backend="native" (the csrc/ CPU ops) has no attention kernel in csrc/: it composes ATen ops,
+# laid out for the local model's short sequences (above); long ones run the reference (ATen's
+# fused CPU attention).
 IMPLS = {"reference": reference.causal_attention, "triton": _triton_causal_attention,
-         "native": reference.causal_attention}
+         "native": _native_causal_attention}

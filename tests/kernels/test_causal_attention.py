@@ -210,6 +210,57 @@ def test_torch_compile():
 
 
 # --------------------------------------------------------------------------------------------
+# backend="native" on CPU: batched matmuls for short sequences, the reference beyond
+# --------------------------------------------------------------------------------------------
+# (B, Hq, Hkv, N, d, contiguous): both sides of CPU_MATMUL_MAX_N = 128, MQA / GQA / MHA
+NATIVE_SHAPES = [
+    (5, 4, 1, 4, 16, True),  # the demo's local model: P = 4, multi-query
+    (3, 4, 2, 8, 32, False),  # GQA, strided
+    (2, 2, 2, 33, 16, True),  # MHA, odd N
+    (2, 4, 1, 128, 16, False),  # the longest sequence of the matmul path
+    (1, 4, 2, 129, 16, True),  # the first of the fused path
+    (4, 3, 3, 1, 8, True),  # N = 1
+]
+
+
+@pytest.mark.parametrize("dtype,floor", DTYPES + [BF16])
+@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
+@pytest.mark.parametrize("shape", NATIVE_SHAPES, ids=lambda s: "B{}_Hq{}_Hkv{}_N{}_d{}_{}".format(
+    *s[:5], "contig" if s[5] else "strided"))
+def test_causal_attention_native_cpu(shape, alibi, dtype, floor):
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, N, d, contiguous = shape
+
+    def t(H):
+        x = torch.randn(B, H, N, d, generator=g) if contiguous else torch.randn(B, N, H, d, generator=g).transpose(1, 2)
+        return x.to(dtype).requires_grad_()
+
+    q, k, v = t(Hq), t(Hkv), t(Hkv)
+    do = torch.randn(B, Hq, N, d, generator=g).to(dtype)
+    kw = dict(alibi_slopes=torch.tensor([2.0 ** (-8 * (h + 1) / Hq) for h in range(Hq)]) if alibi else None)
+    o, grads = _grads(lambda *a, **k_: causal_attention(*a, backend="native", **k_), q, k, v, do, **kw)
+    assert o.shape == q.shape and o.dtype == dtype
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o64, g64 = _grads(reference.causal_attention, q64, k64, v64, do.double(), **kw)
+    ol, gl = _grads(reference.causal_attention, q, k, v, do, **kw)
+    _assert_close("o", o, ol, o64, floor)
+    for name, a, lo, hi in zip(("dq", "dk", "dv"), grads, gl, g64):
+        _assert_close(name, a, lo, hi, floor)
+
+
+def test_causal_attention_native_takes_the_matmul_path_up_to_its_limit(monkeypatch):
+    """N <= CPU_MATMUL_MAX_N never calls ATen's fused attention; longer sequences do."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
+    for N in (attention.CPU_MATMUL_MAX_N, attention.CPU_MATMUL_MAX_N + 1):
+        q = torch.randn(1, 2, N, 8)
+        causal_attention(q, q[:, :1], q[:, :1], backend="native")
+    assert calls == [attention.CPU_MATMUL_MAX_N + 1]
+
+
+# --------------------------------------------------------------------------------------------
 # launch grids against CUDA's limits (the interpreter enforces none)
 # --------------------------------------------------------------------------------------------
 # CUDA: grid x up to 2^31 - 1 blocks, y and z up to 65,535
