@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import os
 import threading
+import time
 import warnings
 
 import torch
@@ -75,6 +76,7 @@ def _build() -> None:
             raise RuntimeError(f"the C++ sources are not there ({src}); install from a source checkout")
     from torch.utils import cpp_extension
 
+    _remove_stale_lock(cpp_extension)
     cpp_extension.load(
         name=NAME,
         sources=SOURCES,
@@ -84,6 +86,31 @@ def _build() -> None:
         verbose=False,
     )
     _state["how"] = "jit"
+
+
+# A build killed midway (Ctrl-C, a CI timeout) leaves its lock file behind, and every later
+# build waits on it forever, silently. A genuine build here takes a minute or two.
+STALE_LOCK_S = 15 * 60
+
+
+def _remove_stale_lock(cpp_extension) -> None:
+    """Remove the build directory's ``lock`` when it is older than :data:`STALE_LOCK_S` (warning)."""
+    try:
+        build_dir = cpp_extension._get_build_directory(NAME, verbose=False)
+    except Exception:  # a torch without this private helper: leave the lock to torch
+        return
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:  # no lock: the usual case
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"megabyte_kernels: removing the stale build lock {lock} ({age / 60:.0f} min old, left by "
+                      "a build that was killed)", stacklevel=2)
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
 
 
 def load() -> None:

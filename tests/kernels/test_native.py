@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -364,6 +365,26 @@ def test_unbuildable_falls_back_with_one_warning(monkeypatch):
     with pytest.raises(RuntimeError, match="could not be built: RuntimeError: no C\\+\\+ compiler"):
         mk.patch_embed(torch.zeros(1, 4, dtype=torch.long), torch.randn(5, 3), patch_size=4, pad_id=0,
                        backend="native")
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    """A lock left by a killed build would make every later build wait forever: one older than
+    STALE_LOCK_S is removed (with a warning); a fresh one, a build in progress, is left alone."""
+    class FakeCppExtension:
+        @staticmethod
+        def _get_build_directory(name, verbose):
+            return str(tmp_path)
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    native._remove_stale_lock(FakeCppExtension)
+    assert lock.exists()
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        native._remove_stale_lock(FakeCppExtension)
+    assert not lock.exists()
+    native._remove_stale_lock(FakeCppExtension)  # no lock: nothing to do
 
 
 def test_no_compiler_subprocess(tmp_path):
