@@ -97,14 +97,19 @@ def make_optimizer(model, args) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, train_s: float, args, budget: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine to ``min_lr_ratio * lr``.
+    """Linear warm-up over ``warmup`` steps, then cosine to ``min_lr_ratio * lr`` over the steps.
 
-    The cosine runs over the fraction of the run done: steps done / ``steps``, or training
-    time / ``budget`` (seconds) when that is larger (a slow machine anneals and stops in time).
+    The run is budgeted in steps; the time ``budget`` (seconds) is a safety net. Only on a machine
+    so slow that the steps would not fit in it (the pace so far, ``train_s / step``, projects past
+    ``budget``) does the cosine run over training time / ``budget`` instead, when that is further
+    along: such a run anneals and stops in time. On a machine that keeps pace the schedule, and
+    so the trained model, does not depend on its speed or load.
     """
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    t = max((step - args.warmup) / max(1, args.steps - args.warmup), train_s / budget)
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    if step > 0 and train_s / step * args.steps > budget:
+        t = max(t, train_s / budget)
     lo = args.lr * args.min_lr_ratio
     return lo + 0.5 * (args.lr - lo) * (1 + math.cos(math.pi * min(1.0, t)))
 

@@ -108,6 +108,23 @@ def test_time_budget_stops_training_early(tmp_path, capsys):
     assert final["steps"] == 1 and math.isfinite(final["heldout_bpb"])
 
 
+def test_lr_schedule_follows_the_clock_only_when_the_steps_would_not_fit():
+    """The time budget is a safety net: a machine that keeps pace gets the schedule by steps
+    (the same run however busy it is); one whose pace projects past the budget anneals in time."""
+    from types import SimpleNamespace
+
+    from megabyte.train import lr_at
+
+    args = SimpleNamespace(lr=1e-3, min_lr_ratio=0.1, warmup=10, steps=1000)
+    by_steps = [lr_at(s, 0.0, args, math.inf) for s in range(0, 1000, 50)]
+    # 0.1 s a step: 100 s for the run, inside a 120 s budget
+    assert [lr_at(s, 0.1 * s, args, 120.0) for s in range(0, 1000, 50)] == by_steps
+    # 0.2 s a step: 200 s projected against 120 s: the cosine runs over time, further along
+    slow = [lr_at(s, 0.2 * s, args, 120.0) for s in range(0, 1000, 50)]
+    assert all(a <= b for a, b in zip(slow, by_steps)) and slow[-1] < by_steps[-1]
+    assert lr_at(600, 120.0, args, 120.0) == pytest.approx(1e-4)  # budget spent: the floor
+
+
 def test_python_m_megabyte_help():
     r = subprocess.run([sys.executable, "-m", "megabyte", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
