@@ -224,7 +224,7 @@ def as_prompts(prompt_ids, V: int | None = None) -> list[torch.Tensor]:
 def check_positions(cfg, prompt_lens: Sequence[int], max_new_bytes: int) -> None:
     """Learned positions: the last byte predicted, ``t = L + max_new_bytes - 1``, needs
     ``(t // P + 1) * P <= T_MAX`` (the full forward over ``t + 1`` bytes needs the same)."""
-    if cfg.positions != "learned" or max_new_bytes < 1 or not prompt_lens:
+    if cfg.stage_positions[0] != "learned" or max_new_bytes < 1 or not prompt_lens:
         return
     L = max(prompt_lens)
     t = L + max_new_bytes - 1

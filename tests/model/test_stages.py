@@ -242,3 +242,41 @@ def test_bad_stage_config_raises(kw, match):
 def test_two_stage_forms_disagreeing_raise():
     with pytest.raises(ValueError, match=r"D_L=32 disagrees with dims\[-1\]=16"):
         MegabyteConfig(**{**TUPLES, "D_L": 32})
+
+
+# ---------------------------------------------------------------------------- the command line
+def test_cli_trains_three_stages_and_eval_generate_read_the_checkpoint(tmp_path, capsys):
+    from megabyte.cli import main
+    from tests.model.test_train import TINY_MODEL, _write_corpus
+
+    data = _write_corpus(tmp_path / "corpus", n_files=4)
+    out = tmp_path / "ckpt"
+    args = list(TINY_MODEL)
+    for flag in ("--d-global", "--d-local", "--g-layers", "--l-layers", "--g-heads", "--l-heads"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    args[args.index("--steps") + 1] = "4"
+    args[args.index("--eval-every") + 1] = "0"
+    rc = main(["train", "--data", str(data), "--out", str(out), *args,
+               "--patch-sizes", "4,2", "--dims", "4,8,16", "--layers", "1,1,1", "--heads", "2,2,2"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "3 stages, patch sizes 4,2, dims 4,8,16" in cap.out + cap.err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["patch_sizes"] == [4, 2] and cfg["dims"] == [4, 8, 16] and cfg["nheads"] == [2, 2, 2]
+    assert main(["eval", "--checkpoint", str(out), "--threads", "1", "--backend", "reference"]) == 0
+    assert "bpb" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-bytes", "9", "--seed", "0",
+                 "--threads", "1"]) == 0
+
+
+def test_cli_stage_flags_must_agree_with_the_classic_ones(tmp_path, capsys):
+    from megabyte.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--patch-sizes", "4,2", "--dims", "4,8,16", "--layers", "1,1,1",
+              "--heads", "2,2,2", "--patch-size", "4"])
+    assert "P=4 disagrees with patch_sizes=(4, 2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--patch-sizes", "4,x"])
+    assert "comma-separated integers" in capsys.readouterr().err
