@@ -280,3 +280,19 @@ def test_cli_stage_flags_must_agree_with_the_classic_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path), "--patch-sizes", "4,x"])
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_loss_chunk_and_checkpointing_match_the_plain_step():
+    ids = torch.randint(0, 256, (2, 15), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for chunk, ckpt in ((None, False), (7, False), (None, True)):
+        model = make(STAGES["three_alibi_trainable_pad"]).train()
+        model.set_checkpointing(ckpt, ckpt)
+        assert model.m_stages[0].transformer.checkpointing == ckpt
+        out = model(ids, return_loss=True, loss_chunk=chunk)
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad for p in model.parameters()]))
+    for loss, g in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0])
+        for a, b in zip(g, grads[0][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
