@@ -167,12 +167,12 @@ def _g2l_cases(dtype):
     lname = "MATMUL_CONFIGS_32" if dtype == "fp32" else "MATMUL_CONFIGS_16"
     # forward: X (M, D_G) @ W^T with W (D_L, D_G) read through its strides, the epilogue on
     fwd = dict(A=t, Bmat=t, C=t, Bias=t, Ids="*i64", Table=t, LocalPad=t, M=M_ROWS, N=D_L, Kd=D_G, stride_am=D_G,
-               stride_ak=1, stride_bk=1, stride_bn=D_G, T=T_BYTES, KP=T_BYTES, P=P_BYTES, pad_id=PAD_ID, V=V,
+               stride_ak=1, stride_bk=1, stride_bn=D_G, T=T_BYTES, KP=T_BYTES, P=P_BYTES, S=1, pad_id=PAD_ID, V=V,
                stride_ib=T_BYTES, stride_it=1, EPILOGUE=True, HAS_BIAS=True, CROSS_PATCH=False, HAS_LOCAL_PAD=True,
                UPCAST=False)
     # dX = dOut (M, D_L) @ W (D_L, D_G): the launcher passes dOut for the unused pointers, zeros/ones for the ints
     dx = dict(A=t, Bmat=t, C=t, Bias=t, Ids=t, Table=t, LocalPad=t, M=M_ROWS, N=D_G, Kd=D_L, stride_am=D_L,
-              stride_ak=1, stride_bk=D_G, stride_bn=1, T=0, KP=1, P=1, pad_id=0, V=0, stride_ib=0, stride_it=0,
+              stride_ak=1, stride_bk=D_G, stride_bn=1, T=0, KP=1, P=1, S=1, pad_id=0, V=0, stride_ib=0, stride_it=0,
               EPILOGUE=False, HAS_BIAS=False, CROSS_PATCH=False, HAS_LOCAL_PAD=False, UPCAST=False)
     precs = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
     out = []

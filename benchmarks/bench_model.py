@@ -26,8 +26,12 @@ Rows (``impl``):
 
 Configs: ``bench`` is the original's benchmark config (V=512, P=8, D_G=128, D_L=256, 12 global
 layers of 16 heads, 6 local layers of 4 heads, T=2048, batch 32), ``long`` the same model at
-T=65536 (batch 1). ``--quick`` (CPU) scales the widths, depths and lengths down (same family,
-sizes recorded in every row); ``--smoke`` is a seconds-long plumbing check.
+T=65536 (batch 1), ``stages3`` a three-stage model (``patch_sizes``, ``dims``, ``nlayers``,
+``nheads``; issue 14) against megabyte-pytorch's three-stage ``MEGABYTE`` at matched widths
+(``dim=(u_0 D_0, u_1 D_1, D_2)`` with ``u_i`` the bytes per unit of stage i,
+``depth=nlayers``, ``max_seq_len=(K, P_0, P_1)``; no ``original`` row: it has two stages).
+``--quick`` (CPU) scales the widths, depths and lengths down (same family, sizes recorded in
+every row); ``--smoke`` is a seconds-long plumbing check.
 
 Model FLOPs per step = 3 x forward FLOPs (backward = 2 x forward; no recomputation counted):
 2·in·out per row of every ``nn.Linear`` (counted with forward hooks on the real model, plus the
@@ -58,13 +62,18 @@ CONFIGS = {
     "full": {
         "bench": dict(P=8, D_G=128, D_L=256, g_nlayers=12, g_nheads=16, l_nlayers=6, l_nheads=4, T=2048, B=32),
         "long": dict(P=8, D_G=128, D_L=256, g_nlayers=12, g_nheads=16, l_nlayers=6, l_nheads=4, T=65536, B=1),
+        # units (32, 8, 1): global 32*32 = 1024 wide, middle 8*64 = 512, local 256
+        "stages3": dict(patch_sizes=(4, 8), dims=(32, 64, 256), nlayers=(12, 4, 4), nheads=(16, 8, 4), T=2048, B=32),
     },
     "quick": {  # CPU: same family, scaled down
         "bench": dict(P=8, D_G=32, D_L=64, g_nlayers=4, g_nheads=4, l_nlayers=2, l_nheads=2, T=1024, B=4),
         "long": dict(P=8, D_G=32, D_L=64, g_nlayers=4, g_nheads=4, l_nlayers=2, l_nheads=2, T=4096, B=1),
+        # units (16, 4, 1): global 16*16 = 256 wide, middle 4*32 = 128, local 64
+        "stages3": dict(patch_sizes=(4, 4), dims=(16, 32, 64), nlayers=(4, 2, 2), nheads=(4, 2, 2), T=1024, B=4),
     },
     "smoke": {
         "bench": dict(P=4, D_G=8, D_L=16, g_nlayers=1, g_nheads=2, l_nlayers=1, l_nheads=1, T=64, B=2),
+        "stages3": dict(patch_sizes=(2, 2), dims=(8, 8, 16), nlayers=(1, 1, 1), nheads=(2, 1, 1), T=64, B=2),
     },
 }
 # dense bf16/fp16 tensor-core peak (FLOP/s) by device-name substring, for MFU
@@ -72,12 +81,32 @@ PEAK_FLOPS_16BIT = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312
                     "A10G": 125e12, "L4": 121e12, "4090": 165e12}
 
 
+def stages(c: dict) -> dict:
+    """Any config in the N-stage form: patch_sizes, dims, nlayers, nheads (two stages: the classic keys)."""
+    if "patch_sizes" in c:
+        return {k: tuple(c[k]) for k in ("patch_sizes", "dims", "nlayers", "nheads")}
+    return dict(patch_sizes=(c["P"],), dims=(c["D_G"], c["D_L"]), nlayers=(c["g_nlayers"], c["l_nlayers"]),
+                nheads=(c["g_nheads"], c["l_nheads"]))
+
+
+def units(c: dict) -> tuple[int, ...]:
+    """Bytes per unit of each stage: (u_0, ..., 1)."""
+    ps = stages(c)["patch_sizes"]
+    return tuple(math.prod(ps[i:]) for i in range(len(ps) + 1))
+
+
 def model_config(c: dict) -> MegabyteConfig:
+    if "patch_sizes" in c:
+        return MegabyteConfig(**BASE, T_MAX=c["T"], **stages(c))
     return MegabyteConfig(**BASE, P=c["P"], D_G=c["D_G"], D_L=c["D_L"], T_MAX=c["T"], g_nlayers=c["g_nlayers"],
                           g_nheads=c["g_nheads"], l_nlayers=c["l_nlayers"], l_nheads=c["l_nheads"])
 
 
 def describe(c: dict) -> str:
+    if "patch_sizes" in c:
+        j = lambda k: ",".join(map(str, c[k]))  # noqa: E731
+        return (f"patch_sizes={j('patch_sizes')} dims={j('dims')} layers={j('nlayers')} heads={j('nheads')} "
+                f"T={c['T']} B={c['B']}")
     return (f"P={c['P']} D_G={c['D_G']} D_L={c['D_L']} g{c['g_nlayers']}x{c['g_nheads']}h "
             f"l{c['l_nlayers']}x{c['l_nheads']}h T={c['T']} B={c['B']}")
 
@@ -165,10 +194,15 @@ def linear_flops(model: nn.Module, run_forward: Callable[[], object]) -> float:
 
 
 def megabyte_attention_flops(c: dict) -> float:
-    K = -(-c["T"] // c["P"])
-    Dg = c["P"] * c["D_G"]
-    return (attention_flops(c["B"], c["g_nheads"], K, Dg // c["g_nheads"], c["g_nlayers"])
-            + attention_flops(c["B"] * K, c["l_nheads"], c["P"], c["D_L"] // c["l_nheads"], c["l_nlayers"]))
+    """Stage 0: B sequences of K units; stage i >= 1: B*K_{i-1} sequences of P_{i-1} units, each
+    u_i * dims[i] wide."""
+    s, u = stages(c), units(c)
+    KP = -(-c["T"] // u[0]) * u[0]
+    total = 0.0
+    for i, (d, layers, heads) in enumerate(zip(s["dims"], s["nlayers"], s["nheads"])):
+        seqs, n = (c["B"], KP // u[0]) if i == 0 else (c["B"] * KP // u[i - 1], s["patch_sizes"][i - 1])
+        total += attention_flops(seqs, heads, n, u[i] * d // heads, layers)
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +242,9 @@ def build_megabyte(c, device, dtype, backend: str, compile_: bool = False) -> Bu
         return fwd(ids, return_loss=True).loss
 
     def flops(ids):
-        g2l = 2.0 * cfg.D_G * cfg.D_L * ids.shape[0] * (-(-ids.shape[1] // cfg.P)) * cfg.P  # fused, not a Linear
+        # the global-to-local projections at every stage boundary are fused, not nn.Linear calls
+        rows = ids.shape[0] * (-(-ids.shape[1] // cfg.P)) * cfg.P
+        g2l = sum(2.0 * a * b * rows for a, b in zip(cfg.dims[:-1], cfg.dims[1:]))
         return linear_flops(model, lambda: model(ids)) + g2l + megabyte_attention_flops(c)
 
     return Built(model, loss, flops, {"params": model.num_parameters(),
@@ -218,7 +254,7 @@ def build_megabyte(c, device, dtype, backend: str, compile_: bool = False) -> Bu
 def build_gpt(c, device, dtype) -> Built:
     torch.manual_seed(0)
     ref = Megabyte(model_config(c), backend="reference")
-    d = c["P"] * c["D_G"]
+    d = units(c)[0] * stages(c)["dims"][0]
     heads = max(1, d // 64)
     layers = gpt_layers_for(megabyte_nonembedding_params(ref), d)
     del ref
@@ -240,17 +276,18 @@ def build_megabyte_pytorch(c, device, dtype) -> Built:
     except Exception as e:  # noqa: BLE001
         raise Skip(f"megabyte-pytorch not importable ({type(e).__name__}: {e}); "
                    "pip install megabyte-pytorch==0.3.6 --no-deps beartype tqdm") from None
-    K = -(-c["T"] // c["P"])
+    s, u = stages(c), units(c)
+    K = -(-c["T"] // u[0])
 
-    def make(heads, dim_head):
-        return MEGABYTE(num_tokens=BASE["V"], dim=(c["P"] * c["D_G"], c["D_L"]),
-                        depth=(c["g_nlayers"], c["l_nlayers"]), max_seq_len=(K, c["P"]), heads=heads,
+    def make(heads, dim_head):  # matched widths: stage i is u_i * dims[i] wide in both
+        return MEGABYTE(num_tokens=BASE["V"], dim=tuple(ui * d for ui, d in zip(u, s["dims"])),
+                        depth=s["nlayers"], max_seq_len=(K, *s["patch_sizes"]), heads=heads,
                         dim_head=dim_head, flash_attn=True, pad_id=BASE["pad_id"])
 
-    # matched size: its head dim is our global head dim; its number of heads (one setting for both
+    # matched size: its head dim is our global head dim; its number of heads (one setting for all
     # stages) the one that brings its parameter count closest to this project's model at the same
     # widths and depths, position table aside (full size: 8 heads of 64, its defaults)
-    dim_head = c["P"] * c["D_G"] // c["g_nheads"]
+    dim_head = u[0] * s["dims"][0] // s["nheads"][0]
     with torch.device("meta"):
         m = Megabyte(model_config(c), backend="reference")
         ours = m.num_parameters() - m.g_pos_embedder.weight.numel()  # it has no position table
@@ -263,10 +300,12 @@ def build_megabyte_pytorch(c, device, dtype) -> Built:
     def loss(ids):
         return model(ids, return_loss=True)
 
-    def flops(ids):
+    def flops(ids):  # every stage's sequences carry one start token
         B = ids.shape[0]
-        att = (attention_flops(B, heads, K + 1, dim_head, c["g_nlayers"])
-               + attention_flops(B * K, heads, c["P"] + 1, dim_head, c["l_nlayers"]))
+        att = attention_flops(B, heads, K + 1, dim_head, s["nlayers"][0])
+        for i in range(1, len(u)):
+            att += attention_flops(B * K * u[0] // u[i - 1], heads, s["patch_sizes"][i - 1] + 1, dim_head,
+                                   s["nlayers"][i])
         return linear_flops(model, lambda: model(ids)) + att
 
     version = getattr(MEGABYTE_pytorch, "__version__", None)
@@ -283,6 +322,8 @@ def build_megabyte_pytorch(c, device, dtype) -> Built:
 def build_original(c, device, dtype, path: str | None) -> Built:
     if not path:
         raise Skip("no --original PATH given (a local checkout of github.com/shjwudp/megabyte)")
+    if "patch_sizes" in c:
+        raise Skip("the original implementation has two stages")
     import importlib
     import os
 

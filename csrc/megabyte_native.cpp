@@ -3,7 +3,7 @@
 //
 //   patch_embed(ids, token_table, pos_table?, pad_patch?, patch_size, pad_id) -> (B, K, P*D_G)
 //   global_to_local(global_out, ids, weight, bias?, local_table, local_pad?, patch_size, pad_id,
-//                   cross_patch) -> (B*K, P, D_L)
+//                   cross_patch, shift=1) -> (B*K, P, D_L)
 //   patch_embed_backward / global_to_local_backward: their gradients (called by autograd)
 //
 // The math is exactly megabyte_kernels/reference.py. Layout of the work:
@@ -285,13 +285,14 @@ std::tuple<Tensor, Tensor, Tensor> patch_embed_backward_cpu(const Tensor& grad, 
 // ------------------------------------------------------------------------------------------
 
 namespace {
-// Row n = (b*K + k)*P + p of the local input, t = k*P + p: -1 for a shifted-in slot, else the
-// local id ids[b, t-1] (pad_id past the end of the sequence).
-inline int64_t local_id(const int64_t* id, int64_t n, int64_t KP, int64_t T, int64_t P, int64_t pad_id,
+// Row n = (b*K + k)*P + p of the local input, t = k*P + p: -1 for a shifted-in slot (the first S
+// of the patch, or of the sequence with cross_patch), else the local id ids[b, t-S] (pad_id past
+// the end of the sequence).
+inline int64_t local_id(const int64_t* id, int64_t n, int64_t KP, int64_t T, int64_t P, int64_t S, int64_t pad_id,
                         bool cross_patch) {
   const int64_t b = n / KP, t = n % KP;
-  if (cross_patch ? t == 0 : t % P == 0) return -1;
-  const int64_t s = t - 1;
+  if (cross_patch ? t < S : t % P < S) return -1;
+  const int64_t s = t - S;
   return s < T ? id[b * T + s] : pad_id;
 }
 }  // namespace
@@ -299,8 +300,10 @@ inline int64_t local_id(const int64_t* id, int64_t n, int64_t KP, int64_t T, int
 // out[n] = global_out[n] @ weight^T + bias + local_table[l_ids[n]] (local_pad for shifted-in slots)
 Tensor global_to_local_cpu(const Tensor& global_out, const Tensor& ids_in, const Tensor& weight,
                            const std::optional<Tensor>& bias, const Tensor& local_table,
-                           const std::optional<Tensor>& local_pad, int64_t P, int64_t pad_id, bool cross_patch) {
+                           const std::optional<Tensor>& local_pad, int64_t P, int64_t pad_id, bool cross_patch,
+                           int64_t S) {
   TORCH_CHECK_VALUE(P >= 1, "patch_size must be positive, got ", P);
+  TORCH_CHECK_VALUE(S >= 1 && S <= P, "shift must lie in [1, patch_size=", P, "], got ", S);
   check_cpu(global_out, "global_out");
   check_cpu(weight, "weight");
   check_cpu(local_table, "local_table");
@@ -342,7 +345,7 @@ Tensor global_to_local_cpu(const Tensor& global_out, const Tensor& ids_in, const
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, kRowGrain / std::max<int64_t>(D_L, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t n = r0; n < r1; ++n) {
-        const int64_t l = local_id(id, n, KP, T, P, pad_id, cross_patch);
+        const int64_t l = local_id(id, n, KP, T, P, S, pad_id, cross_patch);
         const scalar_t* src = l < 0 ? (pp ? pp : tab + pad_id * D_L) : tab + l * D_L;
         scalar_t* row = o + n * D_L;
         if (dnn) {
@@ -363,7 +366,8 @@ Tensor global_to_local_cpu(const Tensor& global_out, const Tensor& ids_in, const
 //  d local_pad (D_L,) or (0,))
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> global_to_local_backward_cpu(
     const Tensor& grad, const Tensor& global_out, const Tensor& ids_in, const Tensor& weight, int64_t V, int64_t P,
-    int64_t pad_id, bool cross_patch, bool has_bias, bool has_local_pad) {
+    int64_t pad_id, bool cross_patch, bool has_bias, bool has_local_pad, int64_t S) {
+  TORCH_CHECK_VALUE(S >= 1 && S <= P, "shift must lie in [1, patch_size=", P, "], got ", S);
   const Tensor ids = checked_ids(ids_in, V, "local_table");
   const int64_t B = global_out.size(0), K = global_out.size(1), D_G = global_out.size(2) / P, KP = K * P, N = B * KP;
   const int64_t T = ids.size(1), D_L = weight.size(0);
@@ -399,7 +403,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> global_to_local_backward_cpu(
     scalar_t* db = has_bias ? d_bias.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* dp = has_local_pad ? d_pad.mutable_data_ptr<scalar_t>() : nullptr;
     ordered_scatter_add(gp, N, D_L, [&](int64_t n) -> std::pair<scalar_t*, scalar_t*> {
-      const int64_t l = local_id(id, n, KP, T, P, pad_id, cross_patch);
+      const int64_t l = local_id(id, n, KP, T, P, S, pad_id, cross_patch);
       return {l < 0 ? (dp ? dp : dt + pad_id * D_L) : dt + l * D_L, db};
     });
   });
@@ -452,20 +456,23 @@ class GlobalToLocalFn : public torch::autograd::Function<GlobalToLocalFn> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& global_out, const Tensor& ids, const Tensor& weight,
                         const std::optional<Tensor>& bias, const Tensor& local_table,
-                        const std::optional<Tensor>& local_pad, int64_t P, int64_t pad_id, bool cross_patch) {
+                        const std::optional<Tensor>& local_pad, int64_t P, int64_t pad_id, bool cross_patch,
+                        int64_t S) {
     ctx->save_for_backward({global_out, ids, weight});
     ctx->saved_data["V"] = local_table.sym_size(0);
     ctx->saved_data["P"] = P;
     ctx->saved_data["pad_id"] = pad_id;
     ctx->saved_data["cross_patch"] = cross_patch;
+    ctx->saved_data["shift"] = S;
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["has_pad"] = local_pad.has_value();
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("megabyte_native::global_to_local", "")
                          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                       const Tensor&, const std::optional<Tensor>&, int64_t, int64_t, bool)>();
-    return op.call(global_out, ids, weight, bias, local_table, local_pad, P, pad_id, cross_patch);
+                                       const Tensor&, const std::optional<Tensor>&, int64_t, int64_t, bool,
+                                       int64_t)>();
+    return op.call(global_out, ids, weight, bias, local_table, local_pad, P, pad_id, cross_patch, S);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -475,12 +482,13 @@ class GlobalToLocalFn : public torch::autograd::Function<GlobalToLocalFn> {
                          .findSchemaOrThrow("megabyte_native::global_to_local_backward", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::SymInt, int64_t,
-                             int64_t, bool, bool, bool)>();
+                             int64_t, bool, bool, bool, int64_t)>();
     auto [d_x, d_w, d_b, d_table, d_pad] =
         op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["V"].toSymInt(), ctx->saved_data["P"].toInt(),
-                ctx->saved_data["pad_id"].toInt(), ctx->saved_data["cross_patch"].toBool(), has_bias, has_pad);
+                ctx->saved_data["pad_id"].toInt(), ctx->saved_data["cross_patch"].toBool(), has_bias, has_pad,
+                ctx->saved_data["shift"].toInt());
     return {d_x, Tensor(), d_w, has_bias ? d_b : Tensor(), d_table, has_pad ? d_pad : Tensor(),
-            Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -491,8 +499,9 @@ Tensor patch_embed_autograd(const Tensor& ids, const Tensor& token_table, const 
 
 Tensor global_to_local_autograd(const Tensor& global_out, const Tensor& ids, const Tensor& weight,
                                 const std::optional<Tensor>& bias, const Tensor& local_table,
-                                const std::optional<Tensor>& local_pad, int64_t P, int64_t pad_id, bool cross_patch) {
-  return GlobalToLocalFn::apply(global_out, ids, weight, bias, local_table, local_pad, P, pad_id, cross_patch);
+                                const std::optional<Tensor>& local_pad, int64_t P, int64_t pad_id, bool cross_patch,
+                                int64_t S) {
+  return GlobalToLocalFn::apply(global_out, ids, weight, bias, local_table, local_pad, P, pad_id, cross_patch, S);
 }
 
 }  // namespace
@@ -504,9 +513,9 @@ TORCH_LIBRARY(megabyte_native, m) {
   m.def("patch_embed_backward(Tensor grad, Tensor ids, SymInt vocab_size, SymInt pos_rows, int patch_size, "
         "int pad_id, bool has_pos, bool has_pad_patch) -> (Tensor, Tensor, Tensor)");
   m.def("global_to_local(Tensor global_out, Tensor ids, Tensor weight, Tensor? bias, Tensor local_table, "
-        "Tensor? local_pad, int patch_size, int pad_id, bool cross_patch) -> Tensor");
+        "Tensor? local_pad, int patch_size, int pad_id, bool cross_patch, int shift=1) -> Tensor");
   m.def("global_to_local_backward(Tensor grad, Tensor global_out, Tensor ids, Tensor weight, SymInt vocab_size, "
-        "int patch_size, int pad_id, bool cross_patch, bool has_bias, bool has_local_pad) "
+        "int patch_size, int pad_id, bool cross_patch, bool has_bias, bool has_local_pad, int shift=1) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gemm_engine(ScalarType dtype, int macs) -> str",
         [](at::ScalarType dtype, int64_t macs) { return gemm_engine(dtype, macs); });

@@ -40,6 +40,14 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="megabyte_kernels backend (default: the config's, normally auto)")
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"16,4"`` -> ``(16, 4)``."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def add_train_parser(sub) -> argparse.ArgumentParser:
     from .train import DEMO
     p = sub.add_parser("train", help="train a small MEGABYTE on a byte corpus and report held-out bits/byte",
@@ -48,14 +56,23 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                                    "train_log.jsonl and loss.png; print a sample.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(p, defaults=True)
-    m = p.add_argument_group("model")
-    m.add_argument("--patch-size", type=int, default=DEMO["patch_size"], help="P")
-    m.add_argument("--d-global", type=int, default=DEMO["d_global"], help="D_G (global width is P*D_G)")
-    m.add_argument("--d-local", type=int, default=DEMO["d_local"], help="D_L")
-    m.add_argument("--g-layers", type=int, default=DEMO["g_layers"])
-    m.add_argument("--l-layers", type=int, default=DEMO["l_layers"])
-    m.add_argument("--g-heads", type=int, default=DEMO["g_heads"])
-    m.add_argument("--l-heads", type=int, default=DEMO["l_heads"])
+    m = p.add_argument_group("model", "two stages with the classic flags (their defaults: the demo model), or N "
+                                      "stages with the comma lists --patch-sizes/--dims/--layers/--heads "
+                                      "(e.g. --patch-sizes 16,4 --dims 8,32,64 --layers 4,2,2 --heads 8,2,1); "
+                                      "a classic flag given with them must agree")
+    m.add_argument("--patch-size", type=int, default=None, help=f"P (default {DEMO['patch_size']})")
+    m.add_argument("--d-global", type=int, default=None,
+                   help=f"D_G, the global width is P*D_G (default {DEMO['d_global']})")
+    m.add_argument("--d-local", type=int, default=None, help=f"D_L (default {DEMO['d_local']})")
+    m.add_argument("--g-layers", type=int, default=None, help=f"default {DEMO['g_layers']}")
+    m.add_argument("--l-layers", type=int, default=None, help=f"default {DEMO['l_layers']}")
+    m.add_argument("--g-heads", type=int, default=None, help=f"default {DEMO['g_heads']}")
+    m.add_argument("--l-heads", type=int, default=None, help=f"default {DEMO['l_heads']}")
+    m.add_argument("--patch-sizes", type=_int_list, default=None, metavar="P0,P1,...",
+                   help="N stages: n-1 patch sizes; stage i's unit is the product of patch_sizes[i:] bytes")
+    m.add_argument("--dims", type=_int_list, default=None, metavar="D0,...", help="width per byte slot, per stage")
+    m.add_argument("--layers", type=_int_list, default=None, metavar="L0,...", help="layers per stage")
+    m.add_argument("--heads", type=_int_list, default=None, metavar="H0,...", help="attention heads per stage")
     o = p.add_argument_group("optimisation")
     o.add_argument("--seq-len", type=int, default=DEMO["seq_len"], help="bytes per training window (= T_MAX)")
     o.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
@@ -178,13 +195,12 @@ def _check_train_args(p, a) -> None:
         if dev.type == "cuda" and not torch.cuda.is_available():
             p.error(f"--device {a.device}: CUDA is not available on this machine")
     # the model these arguments build (P=0, D_G not divisible by the heads, T_MAX < P, ...)
-    from .config import MegabyteConfig
+    from .train import model_config
     try:
-        MegabyteConfig(V=512, P=a.patch_size, D_G=a.d_global, D_L=a.d_local, T_MAX=a.seq_len,
-                       g_nheads=a.g_heads, g_nlayers=a.g_layers, l_nheads=a.l_heads, l_nlayers=a.l_layers)
+        model_config(a)
     except ValueError as e:
         p.error(f"invalid model: {e} (from --patch-size, --d-global, --d-local, --seq-len, --g-/--l-heads, "
-                "--g-/--l-layers)")
+                "--g-/--l-layers, or --patch-sizes, --dims, --layers, --heads)")
 
 
 def _cmd_train(a) -> int:

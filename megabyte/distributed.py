@@ -119,7 +119,8 @@ def wrap(model, dist_: Dist, fsdp: bool):
         # the model's output holds views (lm_logits[:, :T]); training never writes into them in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
-        for tr in (model.g_transformer, model.l_transformer):
+        middle = [m.transformer for m in getattr(model, "m_stages", None) or ()]  # N stages
+        for tr in (model.g_transformer, *middle, model.l_transformer):
             for block in tr.layers:
                 fully_shard(block)
         fully_shard(model)

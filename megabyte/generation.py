@@ -4,12 +4,15 @@ MEGABYTE decodes in two clocks. The global transformer runs once per patch: the 
 ``k`` is the embedding of the P bytes of patch ``k - 1`` (DESIGN.md §2 step 1), so as soon as a
 patch is complete the next patch's global output can be computed, and with it the global-to-local
 projection of all P slots of that patch. The local transformer runs once per byte, causal inside
-the patch, so its cache is emptied at every patch border.
+the patch, so its cache is emptied at every patch border. With N stages (``config.patch_sizes``)
+there is one clock per stage: stage i (unit ``u_i`` bytes) steps once per completed unit of its
+own, after its parent when a parent unit completes too, and its cache is emptied at every border
+of its parent's units (:class:`CachedDecoder`).
 
 Cache layout (:class:`KVCache`, one per transformer): for each layer, keys and values in
 preallocated buffers ``(B, C, Hkv, d)`` (C positions: patches for the global model, P for the
-local one) and per-row lengths ``(B,)`` kept on the host. A step runs on a subset of rows; the
-``n`` new positions of row ``b`` are ``lengths[b] .. lengths[b] + n - 1`` and attend to all
+local one, the units of one parent unit for a middle stage) and per-row lengths ``(B,)`` kept on
+the host. A step runs on a subset of rows; the ``n`` new positions of row ``b`` are ``lengths[b] .. lengths[b] + n - 1`` and attend to all
 positions ``<=`` themselves, with the ALiBi bias ``-slope_h * (i - j)`` at absolute positions —
 the math of :func:`megabyte_kernels.reference.causal_attention`, done here with
 ``F.scaled_dot_product_attention`` and an explicit mask (1 query against many keys is not the
@@ -221,7 +224,7 @@ def as_prompts(prompt_ids, V: int | None = None) -> list[torch.Tensor]:
 def check_positions(cfg, prompt_lens: Sequence[int], max_new_bytes: int) -> None:
     """Learned positions: the last byte predicted, ``t = L + max_new_bytes - 1``, needs
     ``(t // P + 1) * P <= T_MAX`` (the full forward over ``t + 1`` bytes needs the same)."""
-    if cfg.positions != "learned" or max_new_bytes < 1 or not prompt_lens:
+    if cfg.stage_positions[0] != "learned" or max_new_bytes < 1 or not prompt_lens:
         return
     L = max(prompt_lens)
     t = L + max_new_bytes - 1
@@ -241,12 +244,19 @@ class CachedDecoder:
     ``logits = dec.prefill()`` returns the next-byte logits ``(B, V)`` of every row; then
     ``logits = dec.step(rows, next_ids)`` appends one byte to each of ``rows`` (host int64) and
     returns their next-byte logits ``(R, V)``.
+
+    Stages: stage 0 (global) keeps a cache of ``ceil(total / u_0)`` units, stage i >= 1 one of the
+    ``P_{i-1}`` units of its current parent unit (reset whenever its parent steps) and the parent's
+    projected output ``proj[i]`` (B, u_{i-1}, dims[i]) of that parent unit. Byte t lies in unit
+    ``t // u_i`` of stage i; when t is a multiple of u_i, stage i steps once (after its parent,
+    when t is a multiple of u_{i-1} too): the two-stage clocks, one per stage.
     """
 
     def __init__(self, model, prompts: list[torch.Tensor], max_new_bytes: int):
         cfg = self.cfg = model.config
         self.model = model
-        P = cfg.P
+        self.units = cfg.units  # (u_0, ..., u_{n-1} = 1)
+        self.parts = [None] + model.stage_parts()  # stage i >= 1: StageParts(linear, table, pad, transformer)
         w = model.g_embedder.weight
         self.device, self.dtype = w.device, w.dtype
         B = self.B = len(prompts)
@@ -255,16 +265,16 @@ class CachedDecoder:
         self.seqs = torch.full((B, max(total, 1)), cfg.pad_id, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             self.seqs[i, :len(p)] = p.to(self.device)
-        n_patches = (max(total, 1) - 1) // P + 1  # patches of the last byte predicted
-        self.g_cache = KVCache(model.g_transformer, B, n_patches, self.device, self.dtype)
-        self.l_cache = KVCache(model.l_transformer, B, P, self.device, self.dtype)
-        with torch.no_grad():
-            self.l_table = (model.l_embedder.weight if model.l_embedder is not None
-                            else model.to_l_embed(model.g_embedder.weight))
-        self.proj = torch.zeros(B, P, cfg.D_L, device=self.device, dtype=self.dtype)
-        self._arangeP = torch.arange(P, device=self.device)
+        n_patches = (max(total, 1) - 1) // cfg.P + 1  # patches of the last byte predicted
+        self.caches = [KVCache(model.g_transformer, B, n_patches, self.device, self.dtype)]
+        self.caches += [KVCache(part.transformer, B, ps, self.device, self.dtype)
+                        for part, ps in zip(self.parts[1:], cfg.patch_sizes)]
+        self.g_cache, self.l_cache = self.caches[0], self.caches[-1]
+        self.proj = [None] + [torch.zeros(B, self.units[i - 1], cfg.dims[i], device=self.device, dtype=self.dtype)
+                              for i in range(1, cfg.n_stages)]
+        self._arange = [torch.arange(u, device=self.device) for u in self.units]
 
-    # --- the math of forward, for a few positions ---------------------------------------------
+    # --- the math of forward, for a few units ------------------------------------------------
     def _global_inputs(self, rows: torch.Tensor, k0: torch.Tensor, n: int) -> torch.Tensor:
         """Patch embedding of patches ``k0[r] .. k0[r]+n-1`` of each row -> (R, n, P*D_G).
 
@@ -274,7 +284,7 @@ class CachedDecoder:
         m, cfg = self.model, self.cfg
         P = cfg.P
         k = k0.to(self.device)[:, None] + torch.arange(n, device=self.device)  # (R, n)
-        t = k[..., None] * P + self._arangeP  # (R, n, P) byte positions of the patch
+        t = k[..., None] * P + self._arange[0]  # (R, n, P) byte positions of the patch
         src = t - P  # the bytes it embeds
         ids = self.seqs[rows.to(self.device)[:, None, None], src.clamp(min=0)]
         ids = torch.where(src < 0, cfg.pad_id, ids)
@@ -285,37 +295,78 @@ class CachedDecoder:
             h = h + m.g_pos_embedder.weight[t]
         return h.reshape(h.shape[0], n, P * cfg.D_G)
 
-    def _global_step(self, rows: torch.Tensor, k0: torch.Tensor, n: int) -> None:
-        """Run the global model over n patches of ``rows``; keep the last one's projection."""
-        m, cfg = self.model, self.cfg
-        x = self._global_inputs(rows, k0, n)
-        self.g_cache.begin(rows, n)
-        y = m.g_transformer(x, m.backend, cache=self.g_cache)[:, -1]  # (R, P*D_G)
-        self.g_cache.end()
-        dt = y.dtype
-        proj = F.linear(y.reshape(-1, cfg.P, cfg.D_G), m.gl_linear.weight.to(dt), m.gl_linear.bias.to(dt))
-        self.proj[rows.to(self.device)] = proj
-        self.l_cache.reset(rows)
+    def _stage_inputs(self, i: int, rows: torch.Tensor, t0: torch.Tensor, n: int) -> torch.Tensor:
+        """Input of stage i >= 1 for its n units starting at byte ``t0[r]`` -> (R, n, u_i*dims[i]).
 
-    def _local_step(self, rows: torch.Tensor, t0: torch.Tensor, n: int) -> torch.Tensor:
-        """Local model over bytes ``t0[r] .. t0[r]+n-1`` (inside one patch) -> logits (R, V) of the last."""
-        m, cfg = self.model, self.cfg
-        P = cfg.P
+        The unit at bytes ``t .. t+u_i-1`` of the current parent unit is the parent's projected
+        output at those slots plus the embedding of the bytes one unit earlier (``t - u_i``),
+        ``pad_id`` / the trainable pad for the parent unit's first unit (in_action: only before
+        byte 0): ``megabyte_kernels.reference.global_to_local`` with ``shift = u_i``.
+        """
+        cfg, part = self.cfg, self.parts[i]
+        parent, u = self.units[i - 1], self.units[i]
         rd = rows.to(self.device)
-        tt = t0.to(self.device)[:, None] + torch.arange(n, device=self.device)  # (R, n)
-        slot = tt % P
-        shifted_in = (tt == 0) if cfg.cross_patch_shift else (slot == 0)
-        l_ids = self.seqs[rd[:, None], (tt - 1).clamp(min=0)]
+        tt = (t0.to(self.device)[:, None] + torch.arange(n, device=self.device) * u)[..., None] + self._arange[i]
+        slot = tt % parent  # (R, n, u) byte slots inside the parent unit
+        shifted_in = (tt < u) if cfg.cross_patch_shift else (slot < u)
+        l_ids = self.seqs[rd[:, None, None], (tt - u).clamp(min=0)]
         l_ids = torch.where(shifted_in, cfg.pad_id, l_ids)
-        dt = self.proj.dtype
-        emb = F.embedding(l_ids, self.l_table.to(dt))
-        if m.l_pad is not None:
-            emb = torch.where(shifted_in[..., None], m.l_pad.to(dt), emb)
-        x = self.proj[rd[:, None], slot] + emb  # (R, n, D_L)
-        self.l_cache.begin(rows, n)
-        z = m.l_transformer(x, m.backend, cache=self.l_cache)[:, -1]
-        self.l_cache.end()
-        return m.to_logits(z)
+        proj = self.proj[i]
+        dt = proj.dtype
+        emb = F.embedding(l_ids, part.table.to(dt))
+        if part.pad is not None:
+            emb = torch.where(shifted_in[..., None], part.pad.to(dt), emb)
+        x = proj[rd[:, None, None], slot] + emb  # (R, n, u, dims[i])
+        return x.reshape(x.shape[0], n, -1)
+
+    def _run(self, i: int, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Stage i's transformer over the new units x (R, n, width), cached -> output of the last (R, width)."""
+        transformer = self.model.g_transformer if i == 0 else self.parts[i].transformer
+        cache = self.caches[i]
+        cache.begin(rows, x.shape[1])
+        y = transformer(x, self.model.backend, cache=cache)[:, -1]
+        cache.end()
+        return y
+
+    def _hand_down(self, i: int, rows: torch.Tensor, y: torch.Tensor) -> None:
+        """Stage i's unit output y (R, u_i*dims[i]) becomes stage i+1's projection; its cache restarts."""
+        part = self.parts[i + 1]
+        dt = y.dtype
+        proj = F.linear(y.reshape(y.shape[0], self.units[i], -1), part.linear.weight.to(dt), part.linear.bias.to(dt))
+        self.proj[i + 1][rows.to(self.device)] = proj
+        self.caches[i + 1].reset(rows)
+
+    def _advance(self, rows: torch.Tensor, t: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+        """Run the stages for the byte ``t[r]`` each row predicts next -> its logits (R, V).
+
+        ``first=None`` (prefill: fresh rows of one length t): every stage runs over all the units
+        of its current parent unit up to the one holding byte t, in one pass. Otherwise (a decode
+        step) stage i runs one unit for the rows with ``first[r] <= i``, ``first[r]`` the outermost
+        stage whose unit starts at byte t: a completed patch is a global step, then each inner stage
+        steps, down to the last stage, which steps for every row."""
+        last = self.cfg.n_stages - 1
+        for i in range(last + 1):
+            u = self.units[i]
+            if first is None:
+                r, tr = rows, t
+            else:
+                sel = first <= i
+                if not bool(sel.any()):
+                    continue
+                r, tr = (rows, t) if bool(sel.all()) else (rows[sel], t[sel])
+            if i == 0:
+                k = tr // u
+                x = self._global_inputs(r, torch.zeros_like(k), int(k[0]) + 1) if first is None else \
+                    self._global_inputs(r, k, 1)
+            elif first is None:
+                parent_start = tr - tr % self.units[i - 1]
+                x = self._stage_inputs(i, r, parent_start, int(tr[0] - parent_start[0]) // u + 1)
+            else:
+                x = self._stage_inputs(i, r, tr - tr % u, 1)
+            y = self._run(i, r, x)
+            if i < last:
+                self._hand_down(i, r, y)
+        return self.model.to_logits(y)
 
     # --- public steps ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -323,28 +374,25 @@ class CachedDecoder:
         """Process every prompt; returns the logits (B, V) of byte ``len(prompt)`` of each row.
 
         Rows of equal length are processed together (their caches stay aligned)."""
-        P = self.cfg.P
         out = torch.empty(self.B, self.cfg.V, device=self.device, dtype=self.dtype)
         for L in sorted(set(self.t.tolist())):
             rows = (self.t == L).nonzero().flatten()
-            R = len(rows)
-            self._global_step(rows, torch.zeros(R, dtype=torch.long), L // P + 1)
-            out[rows.to(self.device)] = self._local_step(rows, torch.full((R,), L - L % P), L % P + 1).to(out.dtype)
+            t = torch.full((len(rows),), L, dtype=torch.long)
+            out[rows.to(self.device)] = self._advance(rows, t, None).to(out.dtype)
         return out
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """Append ``next_ids`` (R,) to ``rows`` (host int64) and return their next-byte logits (R, V)."""
-        P = self.cfg.P
         t = self.t[rows]
         self.seqs[rows.to(self.device), t.to(self.device)] = next_ids.to(self.device)
         t = t + 1
         self.t[rows] = t
-        border = t % P == 0
-        if bool(border.any()):  # a patch just completed: one global step for those rows
-            g_rows = rows[border]
-            self._global_step(g_rows, t[border] // P, 1)
-        return self._local_step(rows, t, 1)
+        n = self.cfg.n_stages
+        first = torch.full_like(t, n - 1)
+        for i in range(n - 2, -1, -1):  # the outermost stage whose unit starts at byte t
+            first = torch.where(t % self.units[i] == 0, i, first)
+        return self._advance(rows, t, first)
 
 
 # ----------------------------------------------------------------------------------------------

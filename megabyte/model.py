@@ -1,10 +1,33 @@
 """The MEGABYTE model (Yu et al. 2023, arXiv 2305.07185), one file, top to bottom.
 
-Shapes: ids (B, T); K = ceil(T / P) patches; the global transformer runs over (B, K, P*D_G),
-the local transformer over (B*K, P, D_L); logits (B, T, V).
+Two stages (the default, the original implementation): ids (B, T); K = ceil(T / P) patches; the
+global transformer runs over (B, K, P*D_G), the local transformer over (B*K, P, D_L); logits
+(B, T, V).
+
+N stages (``patch_sizes = (P_0, ..., P_{n-2})``, ``dims = (D_0, ..., D_{n-1})``; DESIGN.md §2).
+Stage i's unit is ``u_i = P_i * ... * P_{n-2}`` bytes (``u_{n-1} = 1``); ids are right-padded
+with pad_id to ``K_0 * u_0`` bytes, ``K_0 = ceil(T / u_0)``, and ``K_i = K_0 u_0 / u_i`` units::
+
+    x_0 = patch_embed(ids; u_0)                                   (B, K_0, u_0 D_0)
+        x_0[b, k, s] = E_0[ids[b, k u_0 + s - u_0]] + E_pos[k u_0 + s]   (pad for k = 0)
+    y_0 = Transformer_0(x_0), causal over the K_0 units             (B, K_0, u_0 D_0)
+    for i = 1 .. n-1, with the parent unit r = u_{i-1} and c = u_i:
+    x_i = global_to_local(y_{i-1} as (B, K_{i-1}, r D_{i-1}); patch r, shift c)   (B K_{i-1}, r, D_i)
+        x_i[b K_{i-1} + k, s] = y_{i-1}[b, k, s] W_i^T + b_i + E_i[ids[b, k r + s - c]]  (pad for s < c)
+        read as (B K_{i-1}, P_{i-1}, c D_i): P_{i-1} units of c bytes
+    y_i = Transformer_i(x_i), causal over the P_{i-1} units of each parent unit
+    logits = y_{n-1} W_head^T + b_head                              (B, T, V) after dropping the padding
+
+so every stage sees only bytes of earlier units: causal end to end. Two stages are this with
+``u_0 = P``, shift 1. Parameter names: stage 0 is ``g_*`` (``g_embedder``, ``g_pos_embedder``,
+``g_pad_patch``, ``g_transformer``), the last stage ``l_*`` with its input projection
+``gl_linear`` (``l_embedder``, ``l_pad``, ``l_transformer``, ``to_logits``), exactly the
+two-stage names; a middle stage i (1 <= i <= n-2) is ``m_stages[i-1]`` (``linear``, ``embedder``,
+``pad``, ``transformer``).
 
 The three hot spots go through ``megabyte_kernels`` with the model's backend: the patch
-embedding, the global-to-local projection, and causal attention (global and local). Every
+embedding, the global-to-local projection (at every stage boundary), and causal attention
+(flash for long unit sequences, packed local for short ones, picked per call by length). Every
 parameter name follows the original implementation (github shjwudp/megabyte) where it has
 one; ``megabyte.compat`` maps the few that differ.
 """
@@ -84,14 +107,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of pre-LN blocks, causal over dim 1 of (batch, n, dim); optional final norm."""
+    """A stack of pre-LN blocks, causal over dim 1 of (batch, n, dim); optional final norm and ALiBi."""
 
-    def __init__(self, dim: int, layers: int, heads: int, kv_heads: int, cfg: MegabyteConfig):
+    def __init__(self, dim: int, layers: int, heads: int, kv_heads: int, cfg: MegabyteConfig, alibi: bool):
         super().__init__()
         self.layers = nn.ModuleList([Block(dim, heads, kv_heads, cfg) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim) if cfg.final_norm else nn.Identity()
-        self.register_buffer("slopes", alibi_slopes(heads) if cfg.positions == "alibi" else None,
-                             persistent=False)
+        self.register_buffer("slopes", alibi_slopes(heads) if alibi else None, persistent=False)
         self.checkpointing = False
 
     def forward(self, x: torch.Tensor, backend: str, cache=None) -> torch.Tensor:
@@ -171,8 +193,27 @@ def chunked_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: to
     return _ChunkedLinearCrossEntropy.apply(x, weight, bias, targets, ignore_index, int(chunk), want_grad)
 
 
+class MiddleStage(nn.Module):
+    """Stage i of an N-stage model, 0 < i < n-1: input projection ``Linear(dims[i-1], dims[i])``,
+    byte table ``(V, dims[i])``, optional trainable pad ``(dims[i],)``, transformer over its units."""
+
+    def __init__(self, cfg: MegabyteConfig, i: int):
+        super().__init__()
+        d = cfg.dims[i]
+        self.linear = nn.Linear(cfg.dims[i - 1], d)
+        self.embedder = nn.Embedding(cfg.V, d)
+        self.pad = nn.Parameter(torch.empty(d)) if cfg.stage_pads[i] == "trainable" else None
+        self.transformer = Transformer(cfg.units[i] * d, cfg.nlayers[i], cfg.nheads[i], cfg.kv_heads[i], cfg,
+                                       alibi=cfg.stage_positions[i] == "alibi")
+
+
+# what makes stage i's input (i >= 1) and runs it; ``table`` is the byte table E_i (V, dims[i])
+StageParts = namedtuple("StageParts", ["linear", "table", "pad", "transformer"])
+
+
 class Megabyte(nn.Module):
-    """MEGABYTE: a global transformer over patches of P bytes, a local one inside each patch.
+    """MEGABYTE: a global transformer over patches of P bytes, a local one inside each patch
+    (and, with ``config.patch_sizes`` of more entries, middle stages between them).
 
     ``Megabyte(config)(ids, return_loss=True)`` returns ``MegabyteOutput(lm_logits, loss,
     metrics)``: logits (B, T, V) where position t predicts byte t from bytes < t; loss the
@@ -186,27 +227,47 @@ class Megabyte(nn.Module):
         self.backend = backend or os.environ.get("MEGABYTE_BACKEND") or cfg.backend
         if self.backend not in mk.BACKENDS:
             raise ValueError(f"backend must be one of {mk.BACKENDS}, got {self.backend!r}")
-        V, P, D_G, D_L = cfg.V, cfg.P, cfg.D_G, cfg.D_L
+        V, P, D_G, D_L = cfg.V, cfg.P, cfg.D_G, cfg.D_L  # P = u_0: the bytes of a global patch
+        positions, pads = cfg.stage_positions, cfg.stage_pads
 
         # global model: byte table, positions, optional trainable pad patch
         self.g_embedder = nn.Embedding(V, D_G)
-        self.g_pos_embedder = nn.Embedding(cfg.T_MAX, D_G) if cfg.positions == "learned" else None
-        self.g_pad_patch = nn.Parameter(torch.empty(P, D_G)) if cfg.pad == "trainable" else None
-        self.g_transformer = Transformer(P * D_G, cfg.g_nlayers, cfg.g_nheads, cfg.g_kv_heads, cfg)
+        self.g_pos_embedder = nn.Embedding(cfg.T_MAX, D_G) if positions[0] == "learned" else None
+        self.g_pad_patch = nn.Parameter(torch.empty(P, D_G)) if pads[0] == "trainable" else None
+        self.g_transformer = Transformer(P * D_G, cfg.g_nlayers, cfg.g_nheads, cfg.g_kv_heads, cfg,
+                                         alibi=positions[0] == "alibi")
 
-        # global-to-local: shared Linear(D_G, D_L) + the local byte embedding
-        self.gl_linear = nn.Linear(D_G, D_L)
+        # middle stages (none for two stages)
+        if cfg.n_stages > 2:
+            self.m_stages = nn.ModuleList([MiddleStage(cfg, i) for i in range(1, cfg.n_stages - 1)])
+        else:
+            self.m_stages = None
+
+        # (global-)to-local: shared Linear(dims[-2], D_L) + the local byte embedding
+        self.gl_linear = nn.Linear(cfg.dims[-2], D_L)
         if cfg.shared_embedding:  # in_action: E_L = to_l_embed(E_G)
             self.l_embedder, self.to_l_embed = None, nn.Linear(D_G, D_L)
         else:
             self.l_embedder, self.to_l_embed = nn.Embedding(V, D_L), None
-        self.l_pad = nn.Parameter(torch.empty(D_L)) if cfg.pad == "trainable" else None
-        self.l_transformer = Transformer(D_L, cfg.l_nlayers, cfg.l_nheads, cfg.l_kv_heads, cfg)
+        self.l_pad = nn.Parameter(torch.empty(D_L)) if pads[-1] == "trainable" else None
+        self.l_transformer = Transformer(D_L, cfg.l_nlayers, cfg.l_nheads, cfg.l_kv_heads, cfg,
+                                         alibi=positions[-1] == "alibi")
 
         self.to_logits = nn.Linear(D_L, V)
         self._init_weights()
         if cfg.tie_head:
             self.to_logits.weight = self.l_embedder.weight
+
+    def stage_parts(self) -> list[StageParts]:
+        """Stages 1 .. n-1, each as ``StageParts(linear, table, pad, transformer)`` (the last is
+        ``gl_linear``, E_L, ``l_pad``, ``l_transformer``); the forward and the cached decoder both
+        read the stages through this."""
+        parts = [StageParts(m.linear, m.embedder.weight, m.pad, m.transformer) for m in self.m_stages or ()]
+        if self.l_embedder is not None:
+            local_table = self.l_embedder.weight
+        else:
+            local_table = self.to_l_embed(self.g_embedder.weight)
+        return parts + [StageParts(self.gl_linear, local_table, self.l_pad, self.l_transformer)]
 
     def _init_weights(self) -> None:
         std = self.config.initializer_range
@@ -218,14 +279,18 @@ class Megabyte(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for p in (self.g_pad_patch, self.l_pad):
+        for p in (self.g_pad_patch, self.l_pad, *(m.pad for m in self.m_stages or ())):
             if p is not None:
                 nn.init.normal_(p, 0.0, std)
 
-    def set_checkpointing(self, global_model: bool = True, local_model: bool = True) -> None:
-        """Activation checkpointing per transformer (recompute blocks in backward)."""
+    def set_checkpointing(self, global_model: bool = True, local_model: bool = True,
+                          middle_models: bool | None = None) -> None:
+        """Activation checkpointing per transformer (recompute blocks in backward); the middle
+        stages follow ``local_model`` unless ``middle_models`` is given."""
         self.g_transformer.checkpointing = global_model
         self.l_transformer.checkpointing = local_model
+        for m in self.m_stages or ():
+            m.transformer.checkpointing = local_model if middle_models is None else middle_models
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -240,9 +305,9 @@ class Megabyte(nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError(f"ids must be a (B, T) integer tensor, got {getattr(ids, 'shape', type(ids))}")
         B, T = ids.shape
-        P = cfg.P
+        P = cfg.P  # u_0
         K = -(-T // P)
-        if cfg.positions == "learned" and K * P > cfg.T_MAX:
+        if cfg.stage_positions[0] == "learned" and K * P > cfg.T_MAX:
             raise ValueError(
                 f"sequence length T={T} (padded to {K * P} = K*P) exceeds T_MAX={cfg.T_MAX} of the learned "
                 "position table; use a shorter input, a larger T_MAX, or positions='alibi'/'none'"
@@ -255,20 +320,25 @@ class Megabyte(nn.Module):
                                    pad_patch=self.g_pad_patch, backend=self.backend)
         # 2. global transformer, causal over the K patches
         global_out = self.g_transformer(global_in, self.backend)
-        # 3. global-to-local: (B, K, P*D_G) -> (B*K, P, D_L); params cast to the activations'
-        #    dtype so that autocast's bf16 activations meet fp32 parameters
-        dt = global_out.dtype
-        if self.l_embedder is not None:
-            local_table = self.l_embedder.weight
-        else:
-            local_table = self.to_l_embed(self.g_embedder.weight)
-        local_in = mk.global_to_local(
-            global_out, ids, self.gl_linear.weight.to(dt), self.gl_linear.bias.to(dt), local_table.to(dt),
-            patch_size=P, pad_id=cfg.pad_id, cross_patch=cfg.cross_patch_shift,
-            local_pad=self.l_pad.to(dt) if self.l_pad is not None else None, backend=self.backend,
-        )
-        # 4. local transformer, causal inside each patch
-        local_out = self.l_transformer(local_in, self.backend)
+        # 3.-4. each later stage: (parent) global-to-local, then its transformer, causal over its
+        #    units inside each parent unit. Params cast to the activations' dtype so that
+        #    autocast's bf16 activations meet fp32 parameters. Past the first boundary the ids
+        #    are padded to whole global patches, so that every stage sees K*P bytes.
+        units = cfg.units
+        ids_padded = ids if K * P == T or cfg.n_stages == 2 else F.pad(ids, (0, K * P - T), value=cfg.pad_id)
+        y = global_out
+        for i, part in enumerate(self.stage_parts(), start=1):
+            parent, child = units[i - 1], units[i]
+            dt = y.dtype
+            x = mk.global_to_local(
+                y.reshape(B, K * P // parent, -1), ids if i == 1 else ids_padded, part.linear.weight.to(dt),
+                part.linear.bias.to(dt), part.table.to(dt), patch_size=parent, pad_id=cfg.pad_id,
+                cross_patch=cfg.cross_patch_shift, shift=child,
+                local_pad=part.pad.to(dt) if part.pad is not None else None, backend=self.backend,
+            )  # (B*K_{i-1}, parent, dims[i])
+            x = x.reshape(x.shape[0], parent // child, child * x.shape[-1])
+            y = part.transformer(x, self.backend)
+        local_in, local_out = x, y  # (B*K_{n-2}, P_{n-2}, D_L)
         # 5. head
         loss = None
         if loss_chunk is not None and return_loss:

@@ -73,7 +73,7 @@ def _stream_ids(model, args):
     vocab = "all" if getattr(args, "all_ids", False) else "bytes"
     ctx = list(args.prompt.encode("utf-8"))
     remaining, chunk = args.max_bytes, 0
-    window = (cfg.T_MAX // cfg.P) * cfg.P if cfg.positions == "learned" else None
+    window = (cfg.T_MAX // cfg.P) * cfg.P if cfg.stage_positions[0] == "learned" else None
     while remaining > 0:
         if window is not None:
             if len(ctx) >= window:

@@ -68,16 +68,33 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # the pieces: model, optimizer, schedule, clock
 
-def build_model(args, extra: dict) -> Megabyte:
-    """The model the ``--patch-size``, ``--d-*``, ``--*-layers``, ``--*-heads`` and ``--seq-len``
-    arguments describe; ``extra`` is stored in its config (the data it was trained on)."""
-    cfg = MegabyteConfig(
-        V=512, P=args.patch_size, D_G=args.d_global, D_L=args.d_local, T_MAX=args.seq_len,
-        g_nheads=args.g_heads, g_nlayers=args.g_layers, l_nheads=args.l_heads, l_nlayers=args.l_layers,
-        initializer_range=0.02, pad_id=257, eos_id=258, extra=extra,
-        **({"backend": args.backend} if getattr(args, "backend", None) else {}),
+# the classic model flags: (argument, config field)
+CLASSIC_ARGS = (("patch_size", "P"), ("d_global", "D_G"), ("d_local", "D_L"), ("g_heads", "g_nheads"),
+                ("g_layers", "g_nlayers"), ("l_heads", "l_nheads"), ("l_layers", "l_nlayers"))
+STAGE_ARGS = (("patch_sizes", "patch_sizes"), ("dims", "dims"), ("layers", "nlayers"), ("heads", "nheads"))
+
+
+def model_config(args, extra: dict | None = None) -> MegabyteConfig:
+    """The config the model arguments describe: the classic flags (``--patch-size``, ``--d-*``,
+    ``--*-layers``, ``--*-heads``; a missing one takes the demo value) or, N stages, the comma
+    lists ``--patch-sizes``, ``--dims``, ``--layers``, ``--heads`` (the classic flags given with
+    them must agree, as in :class:`MegabyteConfig`); ``--seq-len`` is T_MAX."""
+    stages = {field: getattr(args, a, None) for a, field in STAGE_ARGS if getattr(args, a, None) is not None}
+    classic = {field: getattr(args, a, None) for a, field in CLASSIC_ARGS}
+    if stages:  # only the classic flags given explicitly
+        classic = {k: v for k, v in classic.items() if v is not None}
+    else:
+        classic = {k: DEMO[a] if classic[k] is None else classic[k] for a, k in CLASSIC_ARGS}
+    return MegabyteConfig(
+        V=512, T_MAX=args.seq_len, initializer_range=0.02, pad_id=257, eos_id=258, extra=extra or {},
+        **classic, **stages, **({"backend": args.backend} if getattr(args, "backend", None) else {}),
     )
-    return Megabyte(cfg)
+
+
+def build_model(args, extra: dict) -> Megabyte:
+    """The model the model arguments and ``--seq-len`` describe (:func:`model_config`); ``extra``
+    is stored in its config (the data it was trained on)."""
+    return Megabyte(model_config(args, extra))
 
 
 def n_params(model) -> int:
@@ -239,8 +256,15 @@ def _load_data(args, say) -> tuple[Corpus, dict]:
 
 def _describe(args, raw, dist: Dist, fsdp: bool, accum: int, precision: str) -> str:
     """The one-line summary of the model and the run printed before training."""
-    return (f"model: {n_params(raw) / 1e6:.2f}M parameters, P={args.patch_size} D_G={args.d_global} "
-            f"D_L={args.d_local} global {args.g_layers}x{args.g_heads}h local {args.l_layers}x{args.l_heads}h, "
+    c = raw.config
+    if c.n_stages == 2:
+        shape = (f"P={c.P} D_G={c.D_G} D_L={c.D_L} global {c.g_nlayers}x{c.g_nheads}h "
+                 f"local {c.l_nlayers}x{c.l_nheads}h")
+    else:
+        shape = (f"{c.n_stages} stages, patch sizes {','.join(map(str, c.patch_sizes))}, dims "
+                 f"{','.join(map(str, c.dims))}, layers x heads "
+                 f"{' '.join(f'{n}x{h}h' for n, h in zip(c.nlayers, c.nheads))}")
+    return (f"model: {n_params(raw) / 1e6:.2f}M parameters, {shape}, "
             f"T={args.seq_len}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}, "
             f"device {dist.device}, backend {getattr(raw, 'backend', raw.config.backend)}, "
             f"{torch.get_num_threads()} threads"

@@ -69,6 +69,12 @@ def check_patch_size(patch_size: int) -> None:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
 
 
+def check_shift(shift: int, patch_size: int) -> None:
+    """global_to_local's ``shift``: an int in [1, patch_size] (the bytes a local id lags behind)."""
+    if not isinstance(shift, int) or isinstance(shift, bool) or not 1 <= shift <= patch_size:
+        raise ValueError(f"shift must be an int in [1, patch_size={patch_size}], got {shift!r}")
+
+
 def check_pad_id(pad_id: int, vocab_size: int) -> None:
     if not isinstance(pad_id, int) or isinstance(pad_id, bool) or not 0 <= pad_id < vocab_size:
         raise ValueError(f"pad_id must be an int in [0, {vocab_size}), got {pad_id!r}")

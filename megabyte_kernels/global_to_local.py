@@ -7,15 +7,17 @@ import torch
 
 from . import reference
 from ._validate import (check_float, check_ids, check_pad_id, check_patch_size, check_same_device,
-                        check_same_dtype, check_shape, num_patches)
+                        check_same_dtype, check_shape, check_shift, num_patches)
 from . import _kernel_utils as ku
 from ._triton_compat import tl, triton
 from .backends import interpreting, resolve_backend
 from .native import global_to_local_native
 
 
-def check_global_to_local_args(global_out, ids, weight, bias, local_table, patch_size, pad_id, local_pad) -> None:
+def check_global_to_local_args(global_out, ids, weight, bias, local_table, patch_size, pad_id, local_pad,
+                               shift=1) -> None:
     check_patch_size(patch_size)
+    check_shift(shift, patch_size)
     check_float("global_out", global_out, ndim=3)
     check_float("weight", weight, ndim=2)
     check_float("local_table", local_table, ndim=2)
@@ -53,18 +55,20 @@ def global_to_local(
     pad_id: int,
     local_pad: torch.Tensor | None = None,
     cross_patch: bool = False,
+    shift: int = 1,
     backend: str | None = "auto",
 ) -> torch.Tensor:
     """(B, K, P*D_G) global output -> (B*K, P, D_L) local transformer input.
 
     ``out[b*K+k, p] = global_out[b, k, p] @ weight.T + bias + local_table[l_ids[b, k, p]]`` with
-    ``l_ids`` the ids shifted right by one byte inside each patch (or across patches with
-    ``cross_patch=True``). See :func:`megabyte_kernels.reference.global_to_local`.
+    ``l_ids`` the ids shifted right by ``shift`` bytes (default one; 1 <= shift <= P) inside each
+    patch (or across patches with ``cross_patch=True``); an N-stage model shifts by a whole child
+    unit between inner stages. See :func:`megabyte_kernels.reference.global_to_local`.
     """
-    check_global_to_local_args(global_out, ids, weight, bias, local_table, patch_size, pad_id, local_pad)
+    check_global_to_local_args(global_out, ids, weight, bias, local_table, patch_size, pad_id, local_pad, shift)
     impl = resolve_backend(backend, global_out.device, IMPLS, "global_to_local")
     return impl(global_out, ids, weight, bias, local_table, patch_size=patch_size, pad_id=pad_id,
-                local_pad=local_pad, cross_patch=cross_patch)
+                local_pad=local_pad, cross_patch=cross_patch, shift=shift)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,16 +91,17 @@ def global_to_local(
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _shifted_local_id(Ids, m, T, KP, P, pad_id, V, stride_ib, stride_it, mask,
+def _shifted_local_id(Ids, m, T, KP, P, S, pad_id, V, stride_ib, stride_it, mask,
                       CROSS_PATCH: tl.constexpr, HAS_LOCAL_PAD: tl.constexpr):
-    """l_ids of flat rows m = (b*K + k)*P + p; V marks a shifted-in slot that takes local_pad."""
+    """l_ids of flat rows m = (b*K + k)*P + p, shifted by S bytes; V marks a shifted-in slot that
+    takes local_pad."""
     b = m // KP
     t = m % KP  # = k*P + p
     if CROSS_PATCH:
-        shifted_in = t == 0
+        shifted_in = t < S
     else:
-        shifted_in = (t % P) == 0
-    src = t - 1
+        shifted_in = (t % P) < S
+    src = t - S
     valid = mask & ~shifted_in & (src < T)  # bytes past T are right padding: pad_id
     # widen, then select the pad: other=pad_id would be cast to the ids' dtype (uint8: 300 -> 44)
     lid = tl.load(Ids + b * stride_ib + src * stride_it, mask=valid, other=0).to(tl.int64)
@@ -140,7 +145,7 @@ def _prune_by_dtype(configs, named_args, **kwargs):
 def _g2l_matmul_kernel(
     A, Bmat, C, Bias, Ids, Table, LocalPad,
     M, N, Kd, stride_am, stride_ak, stride_bk, stride_bn,
-    T, KP, P, pad_id, V, stride_ib, stride_it,
+    T, KP, P, S, pad_id, V, stride_ib, stride_it,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, CROSS_PATCH: tl.constexpr, HAS_LOCAL_PAD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -179,7 +184,7 @@ def _g2l_matmul_kernel(
     if EPILOGUE:
         if HAS_BIAS:
             acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        lid = _shifted_local_id(Ids, rm, T, KP, P, pad_id, V, stride_ib, stride_it, mmask,
+        lid = _shifted_local_id(Ids, rm, T, KP, P, S, pad_id, V, stride_ib, stride_it, mmask,
                                 CROSS_PATCH, HAS_LOCAL_PAD)
         in_table = lid < V
         emb = tl.load(Table + lid[:, None] * N + rn[None, :], mask=m2 & in_table[:, None], other=0.0)
@@ -232,7 +237,7 @@ def _matmul(a: torch.Tensor, b_ptr: torch.Tensor, stride_bk: int, stride_bn: int
     _g2l_matmul_kernel[grid](
         a, b_ptr, c, ep.get("bias", a), ids if ids is not None else a, ep.get("table", a), ep.get("local_pad", a),
         M, N, Kd, a.stride(0), a.stride(1), stride_bk, stride_bn,
-        ep.get("T", 0), ep.get("KP", 1), ep.get("P", 1), ep.get("pad_id", 0), ep.get("V", 0),
+        ep.get("T", 0), ep.get("KP", 1), ep.get("P", 1), ep.get("shift", 1), ep.get("pad_id", 0), ep.get("V", 0),
         ids.stride(0) if ids is not None else 0, ids.stride(1) if ids is not None else 0,
         EPILOGUE=epilogue is not None, HAS_BIAS="bias" in ep, CROSS_PATCH=ep.get("cross_patch", False),
         HAS_LOCAL_PAD="local_pad" in ep, UPCAST=ku.upcast(a.dtype), PRECISION=ku.dot_precision(a.dtype),
@@ -270,24 +275,25 @@ def _atb(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _local_codes(ids: torch.Tensor, V: int, P: int, pad_id: int, cross_patch: bool,
-                 has_local_pad: bool) -> torch.Tensor:
-    """(B*K*P,) int32 shifted local ids; shifted-in slots are V with a local pad vector."""
+                 has_local_pad: bool, shift: int = 1) -> torch.Tensor:
+    """(B*K*P,) int32 local ids shifted by ``shift``; shifted-in slots are V with a local pad vector."""
+    s = shift
     ids = reference._pad_to_patches(ids.to(torch.int32), P, pad_id)
     B, KP = ids.shape
     codes = torch.full((B, KP), pad_id, dtype=torch.int32, device=ids.device)
-    codes[:, 1:] = ids[:, :-1]
+    codes[:, s:] = ids[:, :KP - s]
     shifted_in_code = V if has_local_pad else pad_id
     if cross_patch:
-        codes[:, 0] = shifted_in_code
+        codes[:, :s] = shifted_in_code
     else:
-        codes[:, ::P] = shifted_in_code
+        codes.view(B, KP // P, P)[:, :, :s] = shifted_in_code
     return codes.reshape(-1)
 
 
 @torch.library.custom_op("megabyte::global_to_local_fwd", mutates_args=())
 def _global_to_local_fwd(global_out: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor], local_table: torch.Tensor, local_pad: Optional[torch.Tensor],
-                         patch_size: int, pad_id: int, cross_patch: bool) -> torch.Tensor:
+                         patch_size: int, pad_id: int, cross_patch: bool, shift: int = 1) -> torch.Tensor:
     P = patch_size
     B, K, PD = global_out.shape
     D_G = PD // P
@@ -295,7 +301,7 @@ def _global_to_local_fwd(global_out: torch.Tensor, ids: torch.Tensor, weight: to
     x = global_out.contiguous().view(B * K * P, D_G)  # a view when contiguous: read in place
     w = weight.contiguous()
     ep = {"ids": ids, "table": local_table.contiguous(), "T": ids.shape[1], "KP": K * P, "P": P,
-          "pad_id": pad_id, "V": V, "cross_patch": cross_patch}
+          "pad_id": pad_id, "V": V, "cross_patch": cross_patch, "shift": shift}
     if bias is not None:
         ep["bias"] = bias.contiguous()
     if local_pad is not None:
@@ -305,7 +311,7 @@ def _global_to_local_fwd(global_out: torch.Tensor, ids: torch.Tensor, weight: to
 
 
 @_global_to_local_fwd.register_fake
-def _(global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id, cross_patch):
+def _(global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id, cross_patch, shift=1):
     B, K, _ = global_out.shape
     return global_out.new_empty((B * K, patch_size, local_table.shape[1]))
 
@@ -313,7 +319,7 @@ def _(global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id,
 @torch.library.custom_op("megabyte::global_to_local_bwd", mutates_args=())
 def _global_to_local_bwd(grad: torch.Tensor, global_out: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor,
                          vocab_size: int, patch_size: int, pad_id: int, cross_patch: bool, has_bias: bool,
-                         has_local_pad: bool
+                         has_local_pad: bool, shift: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX like global_out, dW (D_L, D_G), db (D_L,) or empty, d local_table (V, D_L), d local_pad or empty)."""
     P, V = patch_size, vocab_size
@@ -326,7 +332,7 @@ def _global_to_local_bwd(grad: torch.Tensor, global_out: torch.Tensor, ids: torc
     w = weight.contiguous()
     dx = _matmul(g, w, D_G, 1, D_G, (B, K, PD))  # dOut @ W
     dw = _atb(g, x, weight.dtype)  # dOut^T @ X
-    codes = _local_codes(ids, V, P, pad_id, cross_patch, has_local_pad)
+    codes = _local_codes(ids, V, P, pad_id, cross_patch, has_local_pad, shift)
     ve = V + int(has_local_pad) + int(has_bias)
     ext = ku.onehot_grad(codes, g, ve, ones_row=ve - 1 if has_bias else -1)  # (ve, D_L) fp32
     d_table = ext[:V].to(grad.dtype, copy=True)  # copies: custom_op outputs may not alias
@@ -336,7 +342,7 @@ def _global_to_local_bwd(grad: torch.Tensor, global_out: torch.Tensor, ids: torc
 
 
 @_global_to_local_bwd.register_fake
-def _(grad, global_out, ids, weight, vocab_size, patch_size, pad_id, cross_patch, has_bias, has_local_pad):
+def _(grad, global_out, ids, weight, vocab_size, patch_size, pad_id, cross_patch, has_bias, has_local_pad, shift=1):
     D_L = weight.shape[0]
     return (global_out.new_empty(global_out.shape), weight.new_empty(weight.shape),
             grad.new_empty((D_L if has_bias else 0,)), grad.new_empty((vocab_size, D_L)),
@@ -344,17 +350,18 @@ def _(grad, global_out, ids, weight, vocab_size, patch_size, pad_id, cross_patch
 
 
 def _global_to_local_setup_context(ctx, inputs, output):
-    global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id, cross_patch = inputs
+    global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id, cross_patch, shift = inputs
     ctx.save_for_backward(global_out, ids, weight)
-    ctx.meta = (local_table.shape[0], patch_size, pad_id, cross_patch, bias is not None, local_pad is not None)
+    ctx.meta = (local_table.shape[0], patch_size, pad_id, cross_patch, bias is not None, local_pad is not None,
+                shift)
 
 
 def _global_to_local_backward(ctx, grad):
     global_out, ids, weight = ctx.saved_tensors
-    V, P, pad_id, cross_patch, has_bias, has_pad = ctx.meta
+    V, P, pad_id, cross_patch, has_bias, has_pad, shift = ctx.meta
     dx, dw, db, d_table, d_pad = _global_to_local_bwd(grad, global_out, ids, weight, V, P, pad_id, cross_patch,
-                                                      has_bias, has_pad)
-    return dx, None, dw, db if has_bias else None, d_table, d_pad if has_pad else None, None, None, None
+                                                      has_bias, has_pad, shift)
+    return dx, None, dw, db if has_bias else None, d_table, d_pad if has_pad else None, None, None, None, None
 
 
 _global_to_local_fwd.register_autograd(_global_to_local_backward, setup_context=_global_to_local_setup_context)
@@ -371,6 +378,7 @@ def global_to_local_triton(
     pad_id: int,
     local_pad: torch.Tensor | None = None,
     cross_patch: bool = False,
+    shift: int = 1,
 ) -> torch.Tensor:
     """Triton global-to-local, same signature and math as :func:`reference.global_to_local`.
 
@@ -385,7 +393,7 @@ def global_to_local_triton(
     why a one-hot matmul rather than a sorted segment sum.
     """
     return _global_to_local_fwd(global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id,
-                                bool(cross_patch))
+                                bool(cross_patch), int(shift))
 
 
 # every implementation of the op, declared in one place (backends.resolve_backend picks one)

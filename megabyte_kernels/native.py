@@ -163,12 +163,13 @@ def _register_fakes() -> None:
                 grad.new_empty((patch_size if has_pad_patch else 0, D)))
 
     @torch.library.register_fake(lib + "global_to_local")
-    def _(global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id, cross_patch):
+    def _(global_out, ids, weight, bias, local_table, local_pad, patch_size, pad_id, cross_patch, shift=1):
         B, K, _ = global_out.shape
         return global_out.new_empty((B * K, patch_size, weight.shape[0]))
 
     @torch.library.register_fake(lib + "global_to_local_backward")
-    def _(grad, global_out, ids, weight, vocab_size, patch_size, pad_id, cross_patch, has_bias, has_local_pad):
+    def _(grad, global_out, ids, weight, vocab_size, patch_size, pad_id, cross_patch, has_bias, has_local_pad,
+          shift=1):
         D_L = weight.shape[0]
         return (torch.empty_like(global_out), torch.empty_like(weight), grad.new_empty((D_L if has_bias else 0,)),
                 grad.new_empty((vocab_size, D_L)), grad.new_empty((D_L if has_local_pad else 0,)))
@@ -202,8 +203,9 @@ def global_to_local_native(
     pad_id: int,
     local_pad: torch.Tensor | None = None,
     cross_patch: bool = False,
+    shift: int = 1,
 ) -> torch.Tensor:
     """Native CPU global-to-local, same signature and math as :func:`reference.global_to_local`."""
     load()
     return torch.ops.megabyte_native.global_to_local(global_out, ids, weight, bias, local_table, local_pad,
-                                                     patch_size, pad_id, cross_patch)
+                                                     patch_size, pad_id, cross_patch, shift)

@@ -79,6 +79,7 @@ def global_to_local(
     pad_id: int,
     local_pad: torch.Tensor | None = None,
     cross_patch: bool = False,
+    shift: int = 1,
 ) -> torch.Tensor:
     """Global-to-local projection plus the shifted local byte embedding.
 
@@ -94,6 +95,15 @@ def global_to_local(
     With ``local_pad`` the shifted-in pad slots (not pad bytes of the input) use ``local_pad``
     instead of ``local_table[pad_id]``.
 
+    ``shift = s`` (1 <= s <= P, a divisor of P) shifts by s bytes instead of one: the boundary
+    between two inner stages of an N-stage model, where a patch (the parent's unit) holds P / s
+    child units of s bytes and each child unit embeds the bytes of the previous one::
+
+        l_ids[k, p] = pad_id for p < s,   l_ids[k, p] = ids[k*P + p - s] otherwise
+
+    (with ``cross_patch``: ``l_ids[t] = ids[t - s]``, pad for t < s); ``local_pad`` fills all
+    s shifted-in slots of a patch.
+
     Args:
         global_out: (B, K, P*D_G), K = ceil(T / P).
         ids: (B, T) integer byte ids in [0, V).
@@ -106,18 +116,19 @@ def global_to_local(
     P = patch_size
     B, K, PD = global_out.shape
     D_G = PD // P
+    s = shift
     ids = _pad_to_patches(ids, P, pad_id)  # (B, K*P)
     if cross_patch:
-        l_ids = F.pad(ids[:, :-1], (1, 0), value=pad_id).reshape(B * K, P)
+        l_ids = F.pad(ids[:, :-s], (s, 0), value=pad_id).reshape(B * K, P)
     else:
-        l_ids = F.pad(ids.reshape(B * K, P)[:, :-1], (1, 0), value=pad_id)
+        l_ids = F.pad(ids.reshape(B * K, P)[:, :P - s], (s, 0), value=pad_id)
     emb = F.embedding(l_ids, local_table)  # (B*K, P, D_L)
     if local_pad is not None:
         shifted_in = torch.zeros(B, K, P, 1, dtype=torch.bool, device=ids.device)
         if cross_patch:
-            shifted_in[:, 0, 0] = True
+            shifted_in.view(B, K * P, 1)[:, :s] = True
         else:
-            shifted_in[:, :, 0] = True
+            shifted_in[:, :, :s] = True
         emb = torch.where(shifted_in.reshape(B * K, P, 1), local_pad.to(emb.dtype), emb)
     proj = F.linear(global_out.reshape(B * K, P, D_G), weight, bias)
     return proj + emb

@@ -57,12 +57,12 @@ CASES = [
 ]
 
 
-def _run(x, ids, w, b, table, lp, P, pad_id, cross, backend):
+def _run(x, ids, w, b, table, lp, P, pad_id, cross, backend, shift=1):
     return global_to_local(x, ids, w, b, table, patch_size=P, pad_id=pad_id, local_pad=lp, cross_patch=cross,
-                           backend=backend)
+                           shift=shift, backend=backend)
 
 
-def _check(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, atol, rtol, V=19, pad_id=3):
+def _check(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, atol, rtol, V=19, pad_id=3, shift=1):
     ids, *tensors = make_inputs(B, T, P, D_G, D_L, V, bias=bias, local_pad=local_pad, dtype=dtype,
                                 noncontig=noncontig)
     x, w, b, table, lp = tensors
@@ -70,8 +70,8 @@ def _check(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, atol, rt
     ref_tensors = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
     ref_params = [t for t in ref_tensors if t is not None]
 
-    out = _run(x, ids, w, b, table, lp, P, pad_id, cross, "triton")
-    ref = _run(ref_tensors[0], ids, *ref_tensors[1:], P, pad_id, cross, "reference")
+    out = _run(x, ids, w, b, table, lp, P, pad_id, cross, "triton", shift)
+    ref = _run(ref_tensors[0], ids, *ref_tensors[1:], P, pad_id, cross, "reference", shift)
     assert out.dtype == dtype and out.shape == ref.shape == (B * (-(-T // P)), P, D_L)
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
 
@@ -93,6 +93,49 @@ def test_parity(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, ato
     _check(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, atol, rtol)
 
 
+# the N-stage boundary: ids shifted by a whole child unit of `shift` bytes inside each patch
+# (B, T, P, D_G, D_L, bias, local_pad, cross_patch, non-contiguous, shift)
+SHIFT_CASES = [
+    (2, 10, 4, 24, 40, True, True, False, False, 2),   # T not a multiple of P, local pad on 2 slots
+    (1, 13, 8, 24, 24, False, False, False, True, 4),  # two child units of 4, non-contiguous
+    (2, 7, 3, 40, 24, True, True, False, False, 3),    # shift = P: every slot shifted in
+    (1, 9, 6, 24, 24, True, True, True, False, 2),     # cross-patch shift by 2
+]
+
+
+@needs_triton_path
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
+@pytest.mark.parametrize("B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, shift", SHIFT_CASES)
+def test_parity_shift(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, shift, dtype, atol, rtol):
+    _check(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, dtype, atol, rtol, shift=shift)
+
+
+def test_reference_shift_definition():
+    """shift = s: l_ids[k, p] = ids[k*P + p - s] for p >= s, pad (or local_pad) for the first s slots."""
+    B, T, P, s, V, pad_id, D = 2, 11, 4, 2, 19, 3, 5
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    table = torch.eye(V, dtype=torch.float64)[:, :V]  # one-hot rows: the output *is* l_ids
+    x = torch.zeros(B, 3, P * D, dtype=torch.float64)
+    w = torch.zeros(V, D, dtype=torch.float64)
+    out = global_to_local(x, ids, w, None, table, patch_size=P, pad_id=pad_id, shift=s, backend="reference")
+    got = out.argmax(-1).reshape(B, 3 * P)
+    padded = torch.nn.functional.pad(ids, (0, 3 * P - T), value=pad_id)
+    for t in range(3 * P):
+        want = padded[:, t - s] if t % P >= s else torch.full((B,), pad_id)
+        assert torch.equal(got[:, t], want), t
+    lp = torch.full((V,), 7.0, dtype=torch.float64)
+    out = global_to_local(x, ids, w, None, table, patch_size=P, pad_id=pad_id, shift=s, local_pad=lp,
+                          backend="reference").reshape(B, 3, P, V)
+    assert (out[:, :, :s] == 7.0).all() and (out[:, :, s:] != 7.0).any()
+
+
+@pytest.mark.parametrize("shift", [0, 5, 2.0, True, None])
+def test_bad_shift_raises(shift):
+    ids, x, w, b, table, _ = make_inputs(2, 8, 4, 8, 8, 19, bias=True, local_pad=False, dtype=torch.float32)
+    with pytest.raises(ValueError, match="shift must be an int in \\[1, patch_size=4\\]"):
+        _run(x, ids, w, b, table, None, 4, 3, False, "reference", shift)
+
+
 @needs_triton_path
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.uint8])
 def test_narrow_id_dtypes(ids_dtype):
@@ -110,7 +153,8 @@ def test_narrow_id_dtypes(ids_dtype):
 @needs_triton_path
 @pytest.mark.parametrize("ids_dtype", [torch.uint8])
 @pytest.mark.parametrize("cross", [False, True], ids=["in_patch", "cross_patch"])
-def test_pad_id_outside_the_ids_dtype(ids_dtype, cross):
+@pytest.mark.parametrize("shift", [1, 2])
+def test_pad_id_outside_the_ids_dtype(ids_dtype, cross, shift):
     """V=512, pad_id=300 with 8-bit ids: the shifted-in and right-padding slots take row 300.
 
     ``tl.load(..., other=pad_id)`` casts pad_id to the ids' dtype (300 -> 44), so the kernel
@@ -119,8 +163,8 @@ def test_pad_id_outside_the_ids_dtype(ids_dtype, cross):
     ids, x, w, b, table, _ = make_inputs(2, 11, 4, 24, 16, V, bias=True, local_pad=False, dtype=torch.float32)
     ids = ids % 256
     params = (x, w, b, table)
-    out = _run(x, ids.to(ids_dtype), w, b, table, None, 4, pad_id, cross, "triton")
-    ref = _run(x, ids, w, b, table, None, 4, pad_id, cross, "reference")
+    out = _run(x, ids.to(ids_dtype), w, b, table, None, 4, pad_id, cross, "triton", shift)
+    ref = _run(x, ids, w, b, table, None, 4, pad_id, cross, "reference", shift)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     for g, rg in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
@@ -145,6 +189,12 @@ def test_opcheck():
     grad = torch.randn(2 * 3, 3, 16, device=DEVICE)
     torch.library.opcheck(torch.ops.megabyte.global_to_local_bwd.default,
                           (grad, x.detach(), ids, w.detach(), 11, 3, 2, True, True, True))
+    # the N-stage shift (a whole child unit)
+    ids, x, w, b, table, lp = make_inputs(2, 9, 4, 24, 16, 11, bias=True, local_pad=True, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.megabyte.global_to_local_fwd.default, (x, ids, w, b, table, lp, 4, 2, False, 2))
+    grad = torch.randn(2 * 3, 4, 16, device=DEVICE)
+    torch.library.opcheck(torch.ops.megabyte.global_to_local_bwd.default,
+                          (grad, x.detach(), ids, w.detach(), 11, 4, 2, False, True, True, 2))
 
 
 @needs_triton_path

@@ -176,6 +176,43 @@ def test_global_to_local_parity(B, T, P, D_G, D_L, bias, local_pad, cross, nonco
         _assert_close(g, r, f * atol, rtol, name)
 
 
+# the N-stage boundary: shifted by a whole child unit of `shift` bytes
+# (B, T, P, D_G, D_L, bias, local_pad, cross_patch, non-contiguous, shift)
+G2L_SHIFT_CASES = [
+    (2, 10, 4, 5, 13, True, True, False, False, 2),
+    (1, 13, 8, 8, 9, False, False, False, True, 4),
+    (2, 7, 3, 6, 16, True, True, False, False, 3),
+    (1, 9, 6, 7, 8, True, True, True, False, 2),
+]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
+@pytest.mark.parametrize("B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, shift", G2L_SHIFT_CASES)
+def test_global_to_local_parity_shift(B, T, P, D_G, D_L, bias, local_pad, cross, noncontig, shift, dtype, atol,
+                                      rtol):
+    V, pad_id = 19, 3
+    ids, x, w, b, table, lp = _g2l_inputs(B, T, P, D_G, D_L, V, bias, local_pad, noncontig)
+    ref_in = [_leaf(t, torch.float64) for t in (x, w, b, table, lp)]
+    ref = reference.global_to_local(ref_in[0], ids, ref_in[1], ref_in[2], ref_in[3], patch_size=P, pad_id=pad_id,
+                                    local_pad=ref_in[4], cross_patch=cross, shift=shift)
+    grad = torch.randn_like(ref)
+    ref_grads = _grads(ref, ref_in, grad)
+    nat_in = [_leaf(t, dtype) for t in (x, w, b, table, lp)]
+    out = mk.global_to_local(nat_in[0], ids, nat_in[1], nat_in[2], nat_in[3], patch_size=P, pad_id=pad_id,
+                             local_pad=nat_in[4], cross_patch=cross, shift=shift, backend="native")
+    nat_grads = _grads(out, nat_in, grad.to(dtype))
+    f = 1.0 if dtype == torch.float32 else 2.0
+    _assert_close(out, ref.detach(), f * atol, rtol, "out")
+    for g, r in zip(nat_grads, ref_grads):
+        _assert_close(g, r, f * atol, rtol, "grad")
+
+
+def test_global_to_local_shift_checked_by_the_op():
+    ids, x, w, b, table, lp = _g2l_inputs(2, 8, 4, 5, 7, 11, True, False, False)
+    with pytest.raises(ValueError, match="shift must lie in"):
+        torch.ops.megabyte_native.global_to_local(x, ids, w, b, table, None, 4, 3, False, 5)
+
+
 # (B, T, P, D_G, D_L, bias, local_pad, cross_patch, non-contiguous): fp32 GEMMs of >= 2^21
 # multiply-adds, where the op uses oneDNN when this torch has it
 G2L_LARGE_CASES = [
@@ -252,6 +289,7 @@ def _opcheck_g2l_args():
         ids, x, w, b, table, pad = _g2l_inputs(2, 9, 4, 5, 7, 11, bias, lp, False)
         f = lambda t: None if t is None else t.float().requires_grad_()  # noqa: E731
         out.append((f(x), ids, f(w), f(b), f(table), f(pad), 4, 3, cross))
+    out.append(out[-1] + (2,))  # the N-stage shift
     return out
 
 
@@ -272,6 +310,8 @@ def test_opcheck_backward_ops():
     x, w = torch.randn(2, 3, 12), torch.randn(5, 3)
     torch.library.opcheck(torch.ops.megabyte_native.global_to_local_backward.default,
                           (torch.randn(6, 4, 5), x, ids, w, 11, 4, 3, False, True, True))
+    torch.library.opcheck(torch.ops.megabyte_native.global_to_local_backward.default,
+                          (torch.randn(6, 4, 5), x, ids, w, 11, 4, 3, False, True, True, 2))
 
 
 def test_torch_compile_fullgraph():
