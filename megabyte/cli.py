@@ -83,6 +83,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, default=DEMO["weight_decay"])
     o.add_argument("--grad-clip", type=float, default=1.0)
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--no-unigram-bias", dest="unigram_bias", action="store_false",
+                   help="start the head bias at zero, not at the training bytes' log frequencies")
     o.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop training after this many seconds (evaluation excluded), annealing the lr to "
                         "fit; default %d on CPU, none on GPU; 0: none" % DEMO["time_budget_cpu"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megabyte import baselines
+from megabyte import Megabyte, MegabyteConfig, baselines
 from megabyte.cli import main
 from megabyte.data import BatchSampler, CorpusError, eval_windows, is_heldout, load_corpus
 
@@ -82,20 +82,40 @@ def test_train_then_eval(trained, capsys):
     assert "bpb" in capsys.readouterr().out
 
 
-def test_training_lowers_the_loss(tmp_path, capsys):
-    """A tiny model on a very regular corpus gets well under its initial ln(512) nats."""
+@pytest.mark.parametrize("unigram_bias", [True, False], ids=["unigram-bias", "zero-bias"])
+def test_training_lowers_the_loss(tmp_path, capsys, unigram_bias):
+    """A tiny model on a very regular corpus gets well under the order-0 entropy; it starts at
+    that entropy (the head bias at the byte log frequencies), or at ~log2(512) without it."""
     f = tmp_path / "abc.txt"
     f.write_bytes(b"abcdefgh" * 800)
     args = ["train", "--data", str(f), "--out", str(tmp_path / "o"), *TINY_MODEL]
     args[args.index("--steps") + 1] = "80"
     args[args.index("--sample-bytes") + 1] = "0"
-    assert main(args + ["--lr", "1e-2"]) == 0
+    assert main(args + ["--lr", "1e-2"] + ([] if unigram_bias else ["--no-unigram-bias"])) == 0
     recs = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
     first_train, final = recs[1], recs[-1]
-    assert first_train["kind"] == "train" and first_train["bpb"] > 8.5  # ~log2(512) at init
+    assert first_train["kind"] == "train" and first_train["step"] == 1
+    if unigram_bias:  # 8 equally frequent bytes: 3 bits, plus the add-one mass of the other 504 ids
+        assert first_train["bpb"] == pytest.approx(3.0, abs=0.15)
+    else:
+        assert first_train["bpb"] > 8.5
     assert final["order0_bpb"] == pytest.approx(3.0, abs=0.1)  # 8 equally frequent bytes
     assert final["heldout_bpb"] < final["order0_bpb"]  # learned more than byte frequencies
     capsys.readouterr()
+
+
+def test_init_head_bias_is_the_order0_model():
+    """Softmax of the bias = the add-one smoothed byte frequencies of the training bytes."""
+    from megabyte.train import init_head_bias
+
+    model = Megabyte(MegabyteConfig(V=300, P=2, D_G=4, D_L=8, T_MAX=8, g_nheads=1, g_nlayers=1, l_nheads=1,
+                                    l_nlayers=1, pad_id=257, eos_id=258))
+    data = torch.tensor([0] * 60 + [1] * 30 + [255] * 10, dtype=torch.uint8)
+    init_head_bias(model, data)
+    p = torch.softmax(model.to_logits.bias.double(), 0)
+    expect = torch.full((300,), 1.0 / 400, dtype=torch.float64)
+    expect[0], expect[1], expect[255] = 61 / 400, 31 / 400, 11 / 400
+    torch.testing.assert_close(p, expect, rtol=1e-5, atol=0)
 
 
 def test_time_budget_stops_training_early(tmp_path, capsys):
