@@ -86,8 +86,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     o.add_argument("--no-unigram-bias", dest="unigram_bias", action="store_false",
                    help="start the head bias at zero, not at the training bytes' log frequencies")
     o.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop training after this many seconds (evaluation excluded), annealing the lr to "
-                        "fit; default %d on CPU, none on GPU; 0: none" % DEMO["time_budget_cpu"])
+                   help="a safety net in training seconds (evaluation excluded): the run is budgeted in "
+                        "--steps, and only when its pace would overrun this does the lr anneal by the clock "
+                        "and training stop here; default %d on CPU, none on GPU; 0: none" % DEMO["time_budget_cpu"])
     o.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="gradient accumulation: N micro-batches of --batch-size per optimizer step")
     o.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
