@@ -11,12 +11,39 @@ interface with every collective a no-op, so the training loop has no ``if distri
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def busy_cores(window_s: float = 0.3) -> float:
+    """How many cores other processes keep busy now: measured from /proc/stat over ``window_s``
+    (this process sleeps meanwhile), else the 1-minute load average. The load average lags by
+    minutes (a pip install or a run that just ended still counts), so it is only the fallback."""
+    a = _cpu_times()
+    if a is not None:
+        time.sleep(window_s)
+        b = _cpu_times()
+        if b is not None and b[1] > a[1]:
+            return (1.0 - (b[0] - a[0]) / (b[1] - a[1])) * (os.cpu_count() or 1)
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def default_threads() -> int:
-    """The cores this process may use, less those other processes keep busy (1-minute load).
+    """The cores this process may use, less those other processes keep busy now.
 
     Oversubscribing the cores is far worse than using fewer threads: OpenMP threads spin at
     every barrier, and a 2-thread step measured 3x slower than a 1-thread one on a 2-core
@@ -26,11 +53,7 @@ def default_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
 
 
 def setup_threads(threads: int | None) -> None:

@@ -145,6 +145,30 @@ def test_lr_schedule_follows_the_clock_only_when_the_steps_would_not_fit():
     assert lr_at(600, 120.0, args, 120.0) == pytest.approx(1e-4)  # budget spent: the floor
 
 
+@pytest.mark.parametrize("idle_frac,threads", [(0.95, 2), (0.5, 1), (0.0, 1)])
+def test_default_threads_count_the_cores_busy_now(monkeypatch, idle_frac, threads):
+    """Threads = cores less the cores other processes keep busy, measured now (/proc/stat), not
+    from the 1-minute load average (which a finished pip install still inflates)."""
+    from megabyte import distributed
+
+    samples = iter([(0, 0), (int(200 * idle_frac), 200)])
+    monkeypatch.setattr(distributed, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (5.0, 5.0, 5.0))  # must not be used
+    monkeypatch.setattr(distributed.time, "sleep", lambda s: None)
+    assert distributed.default_threads() == threads
+
+
+def test_default_threads_fall_back_to_the_load_average(monkeypatch):
+    from megabyte import distributed
+
+    monkeypatch.setattr(distributed, "_cpu_times", lambda: None)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert distributed.default_threads() == 1
+
+
 def test_python_m_megabyte_help():
     r = subprocess.run([sys.executable, "-m", "megabyte", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
