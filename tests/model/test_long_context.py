@@ -118,5 +118,8 @@ def test_bf16_autocast_with_the_chunked_loss_trains(tmp_path, capsys):
     recs = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert recs[0]["precision"] == "bf16"
     losses = [r["loss"] for r in recs if r["kind"] == "train"]
-    assert len(losses) == 4 and all(abs(v - math.log(512)) < 0.5 for v in losses)
+    # it starts at the order-0 model (the head bias at the byte log frequencies) and goes down
+    order0_nats = recs[-1]["order0_bpb"] * math.log(2)
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses), losses
+    assert abs(losses[0] - order0_nats) < 0.5 and losses[-1] < losses[0], (losses, order0_nats)
     assert math.isfinite(recs[-1]["heldout_bpb"])
