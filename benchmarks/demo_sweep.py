@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import git_sha
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -64,14 +66,6 @@ CANDIDATES: dict[str, list[str]] = {
 }
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def run_one(name: str, extra: list[str], steps: int | None, threads: int, out_root: str) -> dict:
     out = os.path.join(out_root, name)
     cmd = [sys.executable, "-m", "megabyte", "train", "--time-budget", "0", "--sample-bytes", "0",
@@ -94,7 +88,7 @@ def run_one(name: str, extra: list[str], steps: int | None, threads: int, out_ro
         "bytes_per_s": final["train_bytes_per_s"], "heldout_bpb": final["heldout_bpb"],
         "lzma_bpb": final["lzma_bpb"], "train_s": final["train_s"], "wall_s": wall,
         "load_at_start": round(load, 2), "date": _dt.date.today().isoformat(),
-        "unigram_bias": "--no-unigram-bias" not in extra, "git": _git_sha(),
+        "unigram_bias": "--no-unigram-bias" not in extra, "git": git_sha(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)",
     }
 

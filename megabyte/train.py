@@ -111,7 +111,8 @@ def init_head_bias(model: Megabyte, train_bytes: torch.Tensor) -> None:
     predicts ~uniformly over V ids (log2 512 = 9 bits/byte); from here it starts at the order-0
     entropy (~4.6 on the demo corpus) instead of spending its first ~100 steps learning it."""
     V = model.config.V
-    counts = torch.bincount(train_bytes.long(), minlength=V)[:V].double()
+    counts = torch.zeros(V, dtype=torch.float64)
+    counts[:256] = baselines.byte_counts(train_bytes)[:V]
     with torch.no_grad():
         model.to_logits.bias.copy_(torch.log((counts + 1) / (counts.sum() + V)).to(model.to_logits.bias))
 

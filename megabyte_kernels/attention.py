@@ -131,7 +131,7 @@ def _native_causal_attention(q, k, v, *, alibi_slopes=None, scale=None) -> torch
     16-bit inputs are computed in fp32. Longer sequences go to the reference (fused, O(N) memory).
     """
     B, Hq, N, d = q.shape
-    if N > CPU_MATMUL_MAX_N or q.device.type != "cpu":
+    if N > CPU_MATMUL_MAX_N:  # (resolve_backend admits CPU tensors only to "native")
         return reference.causal_attention(q, k, v, alibi_slopes=alibi_slopes, scale=scale)
     Hkv = k.shape[1]
     G = Hq // Hkv
