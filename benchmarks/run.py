@@ -30,6 +30,8 @@ import traceback
 
 import torch
 
+from megabyte.distributed import keep_freed_memory
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -81,6 +83,7 @@ def meta_record(device: torch.device, argv: list[str], quick: bool, smoke: bool)
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        "keep_freed_memory": keep_freed_memory(),  # idempotent: says whether this process runs so
         "git_sha": (_git("rev-parse", "HEAD") or "unknown") + ("+dirty" if dirty else ""),
         "command": "python -m benchmarks.run" + "".join(" " + shlex.quote(a) for a in argv),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = a.quick or a.smoke
     if a.threads:
         torch.set_num_threads(a.threads)
+    keep_freed_memory()  # every implementation in this process runs on the allocator `megabyte train` sets
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         load, ncpu = os.getloadavg()[0], os.cpu_count() or 1
         if load > ncpu and torch.get_num_threads() > 1:

@@ -10,10 +10,16 @@ interface with every collective a no-op, so the training loop has no ``if distri
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import time
 
 import torch
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit
 
 
 def _cpu_times() -> tuple[int, int] | None:
@@ -56,9 +62,34 @@ def default_threads() -> int:
     return max(1, min(cores, int(cores - busy_cores() + 0.5)))
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of returning them
+    to the kernel; True where that was done (glibc), False elsewhere (a no-op).
+
+    A CPU training step allocates and frees the same activations every step. Past glibc's mmap
+    threshold each such block is a fresh ``mmap`` whose every 4 KiB page faults when it is first
+    written, and ``munmap`` on free: in the demo model's step the four ops that first write a
+    (2048, 512) logits-sized block (``log_softmax`` and its backward, a ``fill_``, a ``copy_``)
+    took ~8 ms each, 0.5 GB/s, against ~1-2 ms on reused memory. With the threshold at glibc's
+    maximum and trimming off, the heap keeps the blocks and the step measured ~15% faster. The
+    cost is that the process keeps its peak heap. ``MEGABYTE_KEEP_FREED_MEMORY=0`` turns it off.
+    """
+    if os.environ.get("MEGABYTE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def setup_threads(threads: int | None) -> None:
-    """``--threads``, or :func:`default_threads` when it is not given."""
+    """``--threads``, or :func:`default_threads` when it is not given; also
+    :func:`keep_freed_memory`."""
     torch.set_num_threads(max(1, threads if threads else default_threads()))
+    keep_freed_memory()
 
 
 def pick_device(name: str | None) -> torch.device:
