@@ -197,17 +197,17 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5)
 @pytest.mark.parametrize("setting", ["1", "0"])
 def test_keep_freed_memory_stops_the_page_faults_of_a_training_step(setting):
     """A demo training step frees and reallocates the same activations every step. With
-    :func:`keep_freed_memory` the heap keeps them and a step measured ~0 page faults; without it
+    :func:`keep_freed_memory` the heap keeps them and a step measured 0-410 page faults; without it
     (``MEGABYTE_KEEP_FREED_MEMORY=0``) glibc hands the blocks back to the kernel and a step
-    measured ~5,000, each a fresh zeroed page."""
+    measured 3,300-6,600, each a fresh zeroed page."""
     env = {**os.environ, "MEGABYTE_KEEP_FREED_MEMORY": setting, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, env=env,
                        timeout=300, check=True)
     kept, per_step = r.stdout.split()
     if setting == "1":
-        assert kept == "True" and float(per_step) < 300, r.stdout
+        assert kept == "True" and float(per_step) < 1000, r.stdout
     else:
-        assert kept == "False" and float(per_step) > 1000, r.stdout
+        assert kept == "False" and float(per_step) > 2000, r.stdout
 
 
 def test_python_m_megabyte_help():
