@@ -63,6 +63,11 @@ CANDIDATES: dict[str, list[str]] = {
     "b8-lr1.2e-2-w50-s2400": _c(8, "1.2e-2", 50, 2400),
     "b8-lr1.5e-2-w50-s2400": _c(8, "1.5e-2", 50, 2400),
     "b16-lr2e-2-w50-wd0-s1100": _c(16, "2e-2", 50, 1100, "--weight-decay", "0"),
+    # longer context at the same 2,048 bytes per step (5.7 MB): code repeats its names
+    "b4-T512-lr1.2e-2-w50-s2800": _c(4, "1.2e-2", 50, 2800, "--seq-len", "512"),
+    "b2-T1024-lr1.2e-2-w50-s2800": _c(2, "1.2e-2", 50, 2800, "--seq-len", "1024"),
+    # P=8 at the same global width (8 x 16): half the global positions, ~30% fewer FLOPs a byte
+    "b8-P8-DG16-lr1.2e-2-w50-s3600": _c(8, "1.2e-2", 50, 3600, "--patch-size", "8", "--d-global", "16"),
 }
 
 
