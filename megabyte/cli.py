@@ -89,6 +89,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="a safety net in training seconds (evaluation excluded): the run is budgeted in "
                         "--steps, and only when its pace would overrun this does the lr anneal by the clock "
                         "and training stop here; default %d on CPU, none on GPU; 0: none" % DEMO["time_budget_cpu"])
+    o.add_argument("--cpu-shards", type=int, default=None, metavar="N",
+                   help="on the CPU, split each batch into N equal shards whose forward and backward run in "
+                        "threads of their own, the gradients summed in a fixed order (default: the largest "
+                        "divisor of --batch-size up to the machine's cores with >= 4 rows a shard; 1 turns it off)")
     o.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="gradient accumulation: N micro-batches of --batch-size per optimizer step")
     o.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
@@ -179,6 +183,8 @@ def _check_train_args(p, a) -> None:
         p.error("--warmup must be >= 0 and --lr > 0")
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.cpu_shards is not None and (a.cpu_shards < 1 or a.batch_size % a.cpu_shards):
+        p.error(f"--cpu-shards must be >= 1 and divide --batch-size {a.batch_size}, got {a.cpu_shards}")
     if not 0.0 < a.heldout_frac < 1.0:
         p.error(f"--heldout-frac must lie in (0, 1), got {a.heldout_frac}")
     if not 0.0 <= a.min_lr_ratio <= 1.0:

@@ -37,7 +37,7 @@ import torch
 from . import baselines, train_state
 from .config import MegabyteConfig
 from .data import BatchSampler, Corpus, load_corpus
-from .distributed import Dist, setup_threads, wrap
+from .distributed import CpuShards, Dist, auto_cpu_shards, machine_cores, op_threads, setup_threads, wrap
 from .evaluate import evaluate
 from .model import Megabyte
 from .reporting import LN2, Progress, TrainLog, baseline_rows, fmt_rate, plot_loss, print_table
@@ -197,6 +197,8 @@ class Run:
     autocast: contextlib.AbstractContextManager  # bf16 autocast, or a no-op
     fsdp: bool
     accum: int  # micro-batches per optimizer step
+    shards: CpuShards | None  # a CPU batch split into shards that run in threads (None: not split)
+    shard_threads: int  # intra-op threads of each shard
     loss_chunk: int | None
     save_every: int
     budget: float  # training seconds allowed (inf: no budget)
@@ -255,6 +257,28 @@ def _precision(args, device: torch.device) -> tuple[str, contextlib.AbstractCont
     return precision, autocast
 
 
+def _cpu_shards(args, dist: Dist, precision: str) -> tuple[CpuShards | None, int]:
+    """``--cpu-shards`` (default: :func:`auto_cpu_shards` on a single-process fp32 CPU run, else 1)
+    and the intra-op threads of each shard: the threads picked, shared among the shards.
+
+    The shards run ``--threads`` at a time, by default one per core even when other work keeps
+    cores busy: a shard is one thread that shares a busy core by turns, where the intra-op threads
+    of one op spin at its barrier until the slowest arrives (why :func:`default_threads` counts the
+    busy cores)."""
+    n = getattr(args, "cpu_shards", None)
+    eligible = dist.device.type == "cpu" and not dist.enabled and precision == "fp32"
+    if n is None:
+        n = auto_cpu_shards(args.batch_size, machine_cores()) if eligible else 1
+    if n > 1 and not eligible:
+        raise UsageError(f"--cpu-shards {n}: shards are for a single-process CPU run in fp32 "
+                         f"(this run: device {dist.device}, {dist.world} rank(s), {precision})")
+    if args.batch_size % n:
+        raise UsageError(f"--cpu-shards {n} must divide --batch-size {args.batch_size}")
+    if n == 1:
+        return None, torch.get_num_threads()
+    return CpuShards(n, workers=args.threads or machine_cores()), max(1, torch.get_num_threads() // n)
+
+
 def _tensorboard(args, out_dir: Path, main: bool):
     """A TensorBoard ``SummaryWriter`` into OUT/tensorboard with ``--tensorboard`` (rank 0), else None."""
     if not (getattr(args, "tensorboard", False) and main):
@@ -280,7 +304,7 @@ def _load_data(args, say) -> tuple[Corpus, dict]:
     return corpus, base
 
 
-def _describe(args, raw, dist: Dist, fsdp: bool, accum: int, precision: str) -> str:
+def _describe(args, raw, dist: Dist, fsdp: bool, accum: int, precision: str, shards: CpuShards | None) -> str:
     """The one-line summary of the model and the run printed before training."""
     c = raw.config
     if c.n_stages == 2:
@@ -294,6 +318,7 @@ def _describe(args, raw, dist: Dist, fsdp: bool, accum: int, precision: str) -> 
             f"T={args.seq_len}, batch {args.batch_size}, {args.steps} steps, lr {args.lr:g}, "
             f"device {dist.device}, backend {getattr(raw, 'backend', raw.config.backend)}, "
             f"{torch.get_num_threads()} threads"
+            + (f" ({shards.n} batch shards, {shards.workers} at a time)" if shards else "")
             + (f", {dist.world} ranks ({'FSDP2' if fsdp else 'DDP'})" if dist.enabled else "")
             + (f", grad accumulation {accum}" if accum > 1 else "") + (", bf16 autocast" if precision == "bf16" else ""))
 
@@ -305,6 +330,7 @@ def setup(args, t_start: float) -> Run:
     torch.manual_seed(args.seed)  # the model's initial weights
     fsdp, accum = bool(getattr(args, "fsdp", False)), getattr(args, "grad_accum", 1) or 1
     precision, autocast = _precision(args, dist.device)
+    shards, shard_threads = _cpu_shards(args, dist, precision)
     out_dir = Path(args.out)
     tb = _tensorboard(args, out_dir, dist.main)
     state, state_path = train_state.find(args, out_dir, say)  # before anything is written to --out
@@ -323,7 +349,7 @@ def setup(args, t_start: float) -> Run:
     raw.train()
     if state is not None:
         train_state.check_same_model(state, state_path, raw.config.to_dict())
-    say(_describe(args, raw, dist, fsdp, accum, precision))
+    say(_describe(args, raw, dist, fsdp, accum, precision, shards))
     model = wrap(raw, dist, fsdp)
     opt = make_optimizer(raw, args)
 
@@ -342,9 +368,10 @@ def setup(args, t_start: float) -> Run:
                "args": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
                "data": corpus.describe(), "baselines": base, "n_params": n_params(raw),
                "torch": torch.__version__, "device": str(dist.device), "threads": torch.get_num_threads(),
-               "world": dist.world, "precision": precision})
+               "cpu_shards": shards.n if shards else 1, "world": dist.world, "precision": precision})
     return Run(args=args, say=say, dist=dist, out_dir=out_dir, corpus=corpus, base=base, raw=raw, model=model,
-               opt=opt, sampler=sampler, autocast=autocast, fsdp=fsdp, accum=accum,
+               opt=opt, sampler=sampler, autocast=autocast, fsdp=fsdp, accum=accum, shards=shards,
+               shard_threads=shard_threads,
                loss_chunk=getattr(args, "loss_chunk", 0) or None, save_every=getattr(args, "save_every", 0) or 0,
                budget=args.time_budget if args.time_budget > 0 else math.inf, log=log,
                progress=Progress(args.steps, args.log_every, enabled=dist.main), t_start=t_start,
@@ -366,6 +393,12 @@ def train_step(run: Run) -> tuple[float, float]:
     loss_sum = None
     for micro in range(accum):
         ids = run.sampler().to(run.device)
+        if run.shards is not None:  # a single CPU process in fp32 (_cpu_shards)
+            with op_threads(run.shard_threads):
+                loss = run.shards.backward([p for p in model.parameters() if p.requires_grad], ids,
+                                           lambda x: model(x, return_loss=True, **fwd_kw).loss, scale=1.0 / accum)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            continue
         sync = contextlib.nullcontext()
         if run.dist.enabled and not run.fsdp and micro < accum - 1:
             sync = model.no_sync()  # DDP: all-reduce the gradients once, on the last micro-batch
@@ -478,3 +511,5 @@ def run_train(args) -> dict:
     finally:  # also on an error or a signal: end the progress line, keep what was logged
         run.progress.close()
         run.log.close()
+        if run.shards is not None:
+            run.shards.close()

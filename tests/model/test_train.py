@@ -212,6 +212,80 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_training_step(setting):
         assert kept == "False" and float(per_step) > 2000, r.stdout
 
 
+@pytest.mark.parametrize("batch,cores,expect", [(8, 2, 2), (8, 1, 1), (8, 16, 2), (16, 16, 4), (6, 2, 1),
+                                                 (12, 2, 2), (12, 3, 3), (4, 2, 1)])
+def test_auto_cpu_shards(batch, cores, expect):
+    from megabyte.distributed import auto_cpu_shards
+
+    assert auto_cpu_shards(batch, cores) == expect
+
+
+def _shard_model():
+    torch.manual_seed(0)
+    return Megabyte(MegabyteConfig(V=264, P=4, D_G=8, D_L=16, T_MAX=32, g_nheads=2, g_nlayers=1, l_nheads=2,
+                                   l_nlayers=1, pad_id=257, eos_id=258, backend="reference"))
+
+
+def _shard_grads(model, ids, n, workers, scale=1.0):
+    from megabyte.distributed import CpuShards, op_threads
+
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = None
+    shards = CpuShards(n, workers)
+    try:
+        with op_threads(1):
+            loss = shards.backward(params, ids, lambda x: model(x, return_loss=True).loss, scale=scale)
+    finally:
+        shards.close()
+    return loss, [p.grad.clone() for p in params]
+
+
+def test_cpu_shards_are_the_whole_batch():
+    """The loss and gradients of 4 shards of 2 rows = those of the batch of 8 (up to rounding), and
+    ``scale`` multiplies the gradients (a micro-batch of gradient accumulation)."""
+    model = _shard_model()
+    ids = torch.randint(0, 256, (8, 32))
+    loss = model(ids, return_loss=True).loss
+    whole = torch.autograd.grad(loss, list(model.parameters()))
+    got_loss, got = _shard_grads(model, ids, 4, 2)
+    torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    _, half = _shard_grads(model, ids, 4, 2, scale=0.5)
+    for a, b in zip(half, whole):
+        torch.testing.assert_close(a, 0.5 * b, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_shards_do_not_depend_on_the_workers():
+    """4 shards one at a time, 2 at a time or all 4 at once: bitwise the same gradients."""
+    model = _shard_model()
+    ids = torch.randint(0, 256, (8, 32))
+    runs = [_shard_grads(model, ids, 4, w) for w in (1, 2, 4)]
+    for loss, grads in runs[1:]:
+        assert torch.equal(loss, runs[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
+
+
+def test_cpu_shards_refuse_an_uneven_batch():
+    from megabyte.distributed import CpuShards
+
+    with pytest.raises(ValueError, match="does not split into 3 equal shards"):
+        CpuShards(3, 1).backward([], torch.zeros(8, 4, dtype=torch.long), lambda x: x.sum())
+    with pytest.raises(ValueError, match="shards and workers must be >= 1"):
+        CpuShards(0, 1)
+
+
+def test_cpu_shards_argument_errors(tmp_path, capsys):
+    corpus = _write_corpus(tmp_path / "c")
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(corpus), "--out", str(tmp_path / "o"), *TINY_MODEL, "--cpu-shards", "3"])
+    assert "--cpu-shards must be >= 1 and divide --batch-size 4, got 3" in capsys.readouterr().err
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "o"), *TINY_MODEL, "--cpu-shards", "2",
+                 "--precision", "bf16"]) == 2
+    assert "shards are for a single-process CPU run in fp32" in capsys.readouterr().err
+
+
 def test_python_m_megabyte_help():
     r = subprocess.run([sys.executable, "-m", "megabyte", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)

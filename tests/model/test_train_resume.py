@@ -198,6 +198,27 @@ def test_grad_accum_equals_the_larger_batch(corpus, tmp_path, capsys):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_cpu_shards_give_bitwise_the_same_run_however_many_run_at_once(corpus, tmp_path, capsys):
+    """Batch 8 as 2 shards: one after another (``--threads 1``) or side by side (``--threads 2``),
+    bitwise the same parameters, so the run does not depend on the cores free; against the
+    unsharded batch, the same up to float rounding."""
+    args = [*ARGS]
+    args[args.index("--steps") + 1] = "6"
+    i = args.index("--threads")
+    del args[i:i + 2]
+    outs = {}
+    for name, extra in {"seq": ["--cpu-shards", "2", "--threads", "1"], "par": ["--cpu-shards", "2", "--threads", "2"],
+                        "whole": ["--cpu-shards", "1", "--threads", "1"]}.items():
+        outs[name] = tmp_path / name
+        assert main(["train", "--data", str(corpus), "--out", str(outs[name]), *args, *extra]) == 0
+        log = capsys.readouterr().out
+        assert ("2 batch shards" in log) == (name != "whole"), log
+    _assert_bitwise_equal(outs["seq"], outs["par"])
+    wa, wb = _weights(outs["seq"]), _weights(outs["whole"])
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_tensorboard_is_optional(corpus, tmp_path, capsys):
     args = [*ARGS]
     args[args.index("--steps") + 1] = "2"
