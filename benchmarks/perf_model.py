@@ -1,7 +1,7 @@
 """A performance model of the target rows of gpu-check, on CPU, from the launchers and the AOT table.
 
     python -m benchmarks.perf_model                     # print; write results/perf-model.{md,json,png}
-    python -m benchmarks.perf_model --measured DIR      # ceilings and autotune winners of a gpu-check run
+    python -m benchmarks.perf_model --measured DIR      # a gpu-check run's ceilings and autotune winners (into DIR)
     python -m benchmarks.perf_model --out DIR           # write elsewhere (the tests)
 
 For every target row of issue 15 at gpu-check's sizes (``benchmarks/gpu_plan.py``, scale ``gpu``):
@@ -469,7 +469,7 @@ def markdown(model: dict, dkdv: list[dict], sha: str, command: str) -> str:
     for r in model["rows"]:
         fig = ""
         if r["predicted_ms"]:
-            if r["item"].startswith("flash"):
+            if r["bound"] == "compute":
                 fig = f"{r['flops'] / r['predicted_ms'] / 1e9:,.0f} TFLOP/s"
             else:
                 fig = f"{r['bytes'] / r['predicted_ms'] / 1e6 / c['copy_gb_s']:.0%} of copy"
@@ -537,7 +537,8 @@ def plot(model: dict, path: str) -> str | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measured", default=None, help="a gpu-check result folder: its ceilings and autotune winners")
-    ap.add_argument("--out", default=RESULTS, help="folder of perf-model.md / .json / .png")
+    ap.add_argument("--out", default=None,
+                    help="folder of perf-model.md/.json/.png (default benchmarks/results, or the --measured folder)")
     ap.add_argument("--aot", default=AOT, help="the AOT table read")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
@@ -555,8 +556,9 @@ def main(argv=None) -> int:
     sha = git_sha()
     md = markdown(model, dkdv, sha, command)
     print(md)
-    os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, OUT_STEM)
+    out = a.out or a.measured or RESULTS  # a run's model stays next to the run, not over the committed one
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, OUT_STEM)
     with open(stem + ".json", "w") as f:
         json.dump(slim(model, dkdv, sha, command), f, indent=1, default=str)
         f.write("\n")

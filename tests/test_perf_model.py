@@ -1,5 +1,6 @@
 """The performance model (``benchmarks/perf_model.py``): its figures recomputed by hand, the
-committed table against what the module prints now."""
+committed table against what the module prints now, and gpu-check's measured / floor and
+measured / predicted columns (``benchmarks/gpu_summary.py``)."""
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from benchmarks import gpu_summary
 from benchmarks import perf_model as pm
 from benchmarks.gpu_plan import BENCH
 
@@ -113,6 +115,28 @@ def _close(a, b) -> bool:
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def test_gpu_summary_prints_measured_over_floor_and_prediction(committed):
+    """A GPU run's rows: measured / floor with the run's own ceilings, and / the prediction."""
+    s = BENCH["gpu"]["flash"][0]
+    rows = [{"kind": "preflight", "gpu": "H200", "copy_GB_s": 4000.0, "copy_bytes": 1 << 30, "gemm_TFLOP_s": 700.0,
+             "gemm_n": 8192},
+            {"kind": "bench", "item": "flash/0", "impl": "triton", "pass": "fwd", "ms": 2.0, "TFLOP/s": 275.0, **s}]
+    table = gpu_summary.build_table(rows, "gpu", ["bench"], None, model=committed)
+    m = _row(committed, "flash/0", "fwd")
+    floor = m["flops"] / 700e12 * 1e3  # compute-bound at the run's GEMM ceiling
+    (fwd,) = [r for r in table if r["what"].startswith("flash fwd N=8192 B=2 H=16 MHA") and "SDPA" not in r["what"]]
+    assert fwd["vs_floor"] == f"{2.0 / floor:.2f}×"
+    assert fwd["vs_model"] == f"{2.0 / (floor / m['utilisation']):.2f}×"
+    others = [r for r in table if r["goal_key"] and r is not fwd]
+    assert others and all(r["vs_floor"] == "—" for r in others)  # no measured row, nothing to compare
+    md = gpu_summary.render_md(table)
+    assert "| measured / floor | measured / predicted |" in md.splitlines()[0]
+    # another size than the model's (the dry run's): no figure
+    rows[1] = dict(rows[1], B=1)
+    table = gpu_summary.build_table(rows, "gpu", ["bench"], None, model=committed)
+    assert all(r["vs_floor"] == "—" for r in table)
 
 
 def test_measured_ceilings_are_read_from_a_result_folder(tmp_path):
