@@ -10,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast aot aot-table bench gpu-check clean
+.PHONY: demo test test-fast aot aot-table perf-model bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -42,6 +42,11 @@ aot: $(STAMP)
 # benchmarks/results/aot-sm90.json/.md, which `make test` compares the pinned configs against
 aot-table: $(STAMP)
 	$(PY) -m benchmarks.aot_table
+
+# the performance model of gpu-check's target rows (seconds, CPU): reads the AOT table, rewrites
+# benchmarks/results/perf-model.json/.md/.png, which tests/test_perf_model.py compares against
+perf-model: $(STAMP)
+	$(PY) -m benchmarks.perf_model
 
 # the benchmark suite (benchmarks/README.md): on a GPU the full sizes, on CPU --quick
 bench: $(STAMP)

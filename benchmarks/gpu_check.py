@@ -31,7 +31,8 @@ nothing, needs no network and never sets ``TRITON_INTERPRET`` on a CUDA machine.
    by a fresh one for the items left.
 
 It ends with one table (stage, what, figure, goal, verdict: met / not met / not run / PASS /
-FAIL), printed last and saved as ``summary.md`` and ``summary.json``, and ``goals.png``. The
+FAIL; for the target rows measured / floor and measured / predicted of the committed
+performance model, ``benchmarks/perf_model.py``), printed last and saved as ``summary.md`` and ``summary.json``, and ``goals.png``. The
 output folder (``--out``; default ``benchmarks/results/gpu-check-<date>``) holds six files:
 ``gpu_check.log`` (everything printed), ``results.jsonl``, ``pytest.log``, ``summary.md``,
 ``summary.json``, ``goals.png``.

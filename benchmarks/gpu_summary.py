@@ -1,14 +1,35 @@
 """The result table of gpu-check (``benchmarks/gpu_check.py``), built from ``results.jsonl``:
 one row per planned check or figure (``benchmarks/gpu_plan.py``), so that a stage cut short
 shows its rows as **not run** with the reason; columns stage, what, figure, goal, verdict
-(met / not met / not run / PASS / FAIL; "—" for a figure without a goal). Stdlib only
-(matplotlib, when importable, for the plot).
+(met / not met / not run / PASS / FAIL; "—" for a figure without a goal), and for the target
+rows of issue 15 the Triton row's measured time over the performance model's floor and over its
+prediction (the committed ``results/perf-model.json`` of ``benchmarks/perf_model.py``)::
+
+    floor     = max(bytes / copy GB/s, FLOPs / GEMM TFLOP/s)   with this run's preflight ceilings
+    predicted = floor / utilisation                            (the model's utilisation)
+
+(the model's own ceilings when preflight measured none; "—" where the run's sizes are not the
+model's, as in the dry run). Stdlib only (matplotlib, when importable, for the plot).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 
 from benchmarks import gpu_plan as plan
+
+PERF_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "perf-model.json")
+
+
+def load_perf_model(path: str = PERF_MODEL) -> dict | None:
+    """The committed prediction table, or None when absent or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
 
 def _g(x) -> str:
     """A figure for the table: thousands separated from 100 up, three significant digits below."""
@@ -48,19 +69,43 @@ class Table:
     """Rows of the final table; ``check`` marks parity rows (they decide the exit status),
     ``goal_key``/``value`` the rows that are plotted against their goals."""
 
-    def __init__(self, rows: list[dict], stages: list[str]):
+    def __init__(self, rows: list[dict], stages: list[str], model: dict | None = None):
         self.out: list[dict] = []
         self.rows = rows
         self.stages = stages
+        self.model = model
         self.events = {}
         for x in rows:
             if x.get("kind") == "event":
                 if x["event"] != "start" or x["item"] not in self.events:
                     self.events[x["item"]] = x
 
-    def add(self, stage, what, figure, goal="—", verdict="—", *, check=False, goal_key=None, value=None):
+    def add(self, stage, what, figure, goal="—", verdict="—", *, check=False, goal_key=None, value=None,
+            vs_floor="—", vs_model="—"):
         self.out.append(dict(stage=stage, what=what, figure=figure, goal=goal, verdict=verdict, check=check,
-                             goal_key=goal_key, value=value))
+                             goal_key=goal_key, value=value, vs_floor=vs_floor, vs_model=vs_model))
+
+    def vs_model(self, item: str, what_pass: str) -> dict:
+        """``vs_floor`` / ``vs_model`` texts of a target row: the Triton row's ms over the model's
+        floor and prediction at this run's ceilings (module docstring); "—" without a model row
+        for these sizes or without a measured time."""
+        out = {"vs_floor": "—", "vs_model": "—"}
+        mine = [x for x in self.of("bench", item=item, impl="triton") if x.get("pass") == what_pass and x.get("ms")]
+        pred = [r for r in (self.model or {}).get("rows", []) if r["item"] == item and r["what"] == what_pass]
+        if not mine or not pred:
+            return out
+        x, m = mine[-1], pred[-1]
+        if any(x.get(k) != v for k, v in m.get("sizes", {}).items()):
+            return out  # another scale (the dry run): the model is for gpu-check's GPU sizes
+        ceil = dict(self.model["meta"]["ceilings"])
+        pf = self.of("preflight")
+        if pf and pf[-1].get("copy_GB_s") and pf[-1].get("gemm_TFLOP_s"):
+            ceil.update(copy_gb_s=pf[-1]["copy_GB_s"], tflop_s=pf[-1]["gemm_TFLOP_s"])
+        floor = max(m["bytes"] / (ceil["copy_gb_s"] * 1e9), m["flops"] / (ceil["tflop_s"] * 1e12)) * 1e3
+        out["vs_floor"] = f"{x['ms'] / floor:.2f}×"
+        if m.get("utilisation"):
+            out["vs_model"] = f"{x['ms'] * m['utilisation'] / floor:.2f}×"
+        return out
 
     def of(self, kind: str, **match) -> list[dict]:
         return [x for x in self.rows if x.get("kind") == kind and all(x.get(k) == v for k, v in match.items())]
@@ -184,7 +229,7 @@ def _ratio_row(t: Table, item: str, what_pass: str, label: str, goal_key: str, u
     if c.get("errored"):
         fig += f"; errored: {', '.join(c['errored'])}"
     t.add("bench", label, fig, goal_text(goal_key), goal_met(goal_key, c["ratio"]), goal_key=goal_key,
-          value=c["ratio"])
+          value=c["ratio"], **t.vs_model(item, what_pass))
 
 
 def _triton_row(t: Table, item: str, what_pass: str):
@@ -217,7 +262,8 @@ def _frac_row(t: Table, item: str, label: str, goal_key: str) -> None:
               goal_key=goal_key)
         return
     t.add("bench", label, f"{_pct(r['frac_copy'])} ({_g(r['GB/s'])} of {_g(r['copy_GB_s'])} GB/s)",
-          goal_text(goal_key), goal_met(goal_key, r["frac_copy"]), goal_key=goal_key, value=r["frac_copy"])
+          goal_text(goal_key), goal_met(goal_key, r["frac_copy"]), goal_key=goal_key, value=r["frac_copy"],
+          **t.vs_model(item, "fwd"))
 
 
 def table_bench(t: Table, scale: str) -> None:
@@ -228,7 +274,7 @@ def table_bench(t: Table, scale: str) -> None:
         if r and r.get("TFLOP/s") is not None:
             t.add("bench", f"flash fwd {lab}", f"{_g(r['TFLOP/s'])} TFLOP/s ({r['ms']:.3g} ms)",
                   goal_text("flash_fwd_tflops"), goal_met("flash_fwd_tflops", r["TFLOP/s"]),
-                  goal_key="flash_fwd_tflops", value=r["TFLOP/s"])
+                  goal_key="flash_fwd_tflops", value=r["TFLOP/s"], **t.vs_model(item, "fwd"))
         else:
             t.add("bench", f"flash fwd {lab}", (r or {}).get("error") or t.why_not(item),
                   goal_text("flash_fwd_tflops"), "not run", goal_key="flash_fwd_tflops")
@@ -290,8 +336,10 @@ def table_model_rows(t: Table, p: dict) -> None:
               verdict="not run")
 
 
-def build_table(rows: list[dict], scale: str, stages: list[str], kernels: list[str] | None) -> list[dict]:
-    t = Table(rows, stages)
+def build_table(rows: list[dict], scale: str, stages: list[str], kernels: list[str] | None,
+                model: dict | None | bool = True) -> list[dict]:
+    """The table; ``model``: the perf-model table (True: the committed one, None: none)."""
+    t = Table(rows, stages, load_perf_model() if model is True else model)
     pf = [x for x in rows if x.get("kind") == "preflight"]
     table_preflight(t, pf[-1] if pf else None)
     table_smoke(t, scale, kernels)
@@ -306,10 +354,12 @@ def build_table(rows: list[dict], scale: str, stages: list[str], kernels: list[s
 
 def render_md(table: list[dict]) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| stage | what | figure | goal | verdict |", "|---|---|---|---|---|"]
+    lines = ["| stage | what | figure | goal | verdict | measured / floor | measured / predicted |",
+             "|---|---|---|---|---|---|---|"]
     for r in table:
         v = f"**{r['verdict']}**" if r["verdict"] in ("not run", "FAIL") else r["verdict"]
-        lines.append(f"| {esc(r['stage'])} | {esc(r['what'])} | {esc(r['figure'])} | {esc(r['goal'])} | {v} |")
+        lines.append(f"| {esc(r['stage'])} | {esc(r['what'])} | {esc(r['figure'])} | {esc(r['goal'])} | {v} | "
+                     f"{esc(r.get('vs_floor', '—'))} | {esc(r.get('vs_model', '—'))} |")
     return "\n".join(lines)
 
 

@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
+from benchmarks.gpu_plan import BENCH
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADER = "| stage | what | figure | goal | verdict |"
+HEADER = "| stage | what | figure | goal | verdict | measured / floor | measured / predicted |"
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs gpu-check itself")]
@@ -71,6 +73,12 @@ def test_dry_run_runs_every_stage(dry_runs):
             assert row["verdict"] in ("met", "not met", "—"), row
     assert sum(r["stage"] == "smoke" and r["check"] for r in summary["table"]) == 6
     assert sum("parity of the autotune winner" in r["what"] for r in summary["table"]) == 4
+    # the perf model's columns are there for every row; the committed model is for the GPU sizes,
+    # so at the dry run's sizes they stay empty (tests/test_perf_model.py checks their figures)
+    assert all(len(r) == 7 for r in table)
+    goal_rows = [r for r in summary["table"] if r["goal_key"] and r["goal_key"] != "generation_bytes_s"]
+    assert len(goal_rows) == 3 * len(BENCH["dry"]["flash"]) + 5  # flash x3, local x2, patch_embed x2, g2l
+    assert all(r["vs_floor"] == "—" and r["vs_model"] == "—" for r in summary["table"])
     # the table is also the end of the log and the body of summary.md
     assert _table_after_header((tmp_path / "gpu_check.log").read_text()) == table
     assert HEADER in (tmp_path / "summary.md").read_text()
@@ -95,7 +103,7 @@ def test_dry_run_parity_failure_exits_nonzero(dry_runs):
     assert rc == 1, stdout[-4000:] + stderr[-2000:]
     table = _table_after_header(stdout)
     pe = [r for r in table if r[0] == "smoke" and r[1].startswith("patch_embed")]
-    assert len(pe) == 1 and pe[0][-1] == "**FAIL**", pe
+    assert len(pe) == 1 and pe[0][4] == "**FAIL**", pe
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     smoke = [r for r in rows if r["kind"] == "smoke"]
     assert len(smoke) == 4 and all(r["verdict"] == "FAIL" and r["kernel"] == "patch_embed" for r in smoke)
