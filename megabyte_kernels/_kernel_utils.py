@@ -89,6 +89,13 @@ def slopes_arg(alibi_slopes, device) -> torch.Tensor:
     return alibi_slopes.detach().to(torch.float32).contiguous()
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the H200's 132 elsewhere (meta tensors, CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def head_dim_block(d: int) -> int:
     """BLOCK_D: d padded to a power of two, at least 16 (tl.dot's minimum contraction)."""
     return max(16, triton.next_power_of_2(d))

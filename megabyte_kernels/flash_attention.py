@@ -19,10 +19,11 @@ Shapes: q, o, dO, dq (B, Hq, N, d); k, v, dk, dv (B, Hkv, N, d); lse2, delta (B,
 Tiling: the forward and dQ kernels own a block of BLOCK_M query rows of one (b, h) and walk the
 key blocks left of the diagonal unmasked, then the BLOCK_M / BLOCK_N diagonal blocks with the
 causal mask; blocks right of the diagonal are never visited. The dK/dV kernel owns BLOCK_N key
-rows of one (b, g) and walks, for every query head of the group in turn, the diagonal query
-blocks (masked) and then the query blocks below them (unmasked): the GQA sum over the group's
-query heads happens in its registers, so no atomics and no partial buffers are needed and the
-result is bitwise reproducible. The head dim is padded to BLOCK_D (a power of two >= 16) with
+rows of one (b, g) and one slice of the group's query heads (:func:`dkdv_head_splits`: S slices
+of G / S heads) and walks, for each head of its slice in turn, the diagonal query blocks (masked)
+and then the query blocks below them (unmasked): the GQA sum over a slice's heads happens in
+its registers, the S fp32 partials are summed in a fixed order afterwards, so there are no
+atomics and the result is bitwise reproducible. The head dim is padded to BLOCK_D (a power of two >= 16) with
 masked loads; row tails are masked loads filled with zeros (see the comments in the kernels for
 why the zero rows contribute nothing).
 
@@ -56,7 +57,12 @@ def _split_pid(N, BLOCK: tl.constexpr):
     1-D because CUDA caps grid axes y and z at 65,535: B*H sequences on axis 1 fail at launch
     once B*H > 65,535 (a local model with P > 64 runs this kernel with B*K*H sequences); axis x
     takes 2^31 - 1."""
-    pid = tl.program_id(0)
+    return _split_pid_of(tl.program_id(0), N, BLOCK)
+
+
+@triton.jit
+def _split_pid_of(pid, N, BLOCK: tl.constexpr):
+    """(row block, sequence) of the program index pid of :func:`_split_pid`."""
     n_blocks = tl.cdiv(N, BLOCK)
     return pid % n_blocks, pid // n_blocks
 
@@ -207,12 +213,22 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
 
 
 @triton.jit
-def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D, H, G, N_BUCKET,
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D, H, G, N_BUCKET, HPS, stride_split,
                            HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_N) * B*Hkv,). Writes dk, dv (B, Hkv, N, d), summed over the G query heads."""
+    """Grid (B*Hkv * cdiv(N, BLOCK_N) * S,), S = G / HPS slices of HPS query heads each.
+
+    Program (bkv, key block, slice s) sums the dk, dv (BLOCK_N, d) of the HPS query heads
+    s*HPS .. s*HPS + HPS - 1 of group g into DK, DV + s * stride_split: the (B, Hkv, N, d) result
+    when S = 1, else slice s of fp32 partials (S, B, Hkv, N, d) that the launcher sums in a fixed
+    order. Launch order: sequences outer, then key blocks from the first (the longest: it sees every
+    query row) to the last, slices innermost (they share the block's k, v in L2).
+    """
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "the diagonal must cover whole query blocks")
-    pid_n, bkv = _split_pid(N, BLOCK_N)  # bkv = b * Hkv + g
+    S = G // HPS
+    pid = tl.program_id(0)
+    s = pid % S
+    pid_n, bkv = _split_pid_of(pid // S, N, BLOCK_N)  # bkv = b * Hkv + g
     HKV = H // G
     b = bkv // HKV
     g = bkv % HKV
@@ -228,8 +244,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, N)
-    # The GQA reduction: one program visits every query head of its group, in a fixed order.
-    for j in range(0, G):
+    # The GQA reduction: one program visits the query heads of its slice in a fixed order.
+    for j in range(s * HPS, s * HPS + HPS):
         h = g * G + j
         bh = b * H + h
         q_base = bh.to(tl.int64) * N * D
@@ -242,8 +258,9 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
                                  start_n + BLOCK_N, N, N, D, qk_scale, slope2, False, HAS_ALIBI, UPCAST,
                                  DOT_PREC, BLOCK_M)
     dk = dk * scale
-    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    out_off = s.to(tl.int64) * stride_split + kv_off
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -401,6 +418,18 @@ def _launch_fwd(q, k, v, alibi_slopes, scale):
     return o, lse
 
 
+def dkdv_head_splits(programs: int, G: int, sms: int) -> int:
+    """S, the slices the G query heads of a group are spread over in the dK/dV kernel.
+
+    With S = 1 the dK/dV grid has cdiv(N, BLOCK_N) * B * Hkv programs: at multi-query (Hkv = 1),
+    B = 1, N = 8K and BLOCK_N = 128 that is 64 programs for 132 SMs. ``programs`` is that count at
+    the largest BLOCK_N of the autotune list; S is the smallest divisor of G that gives at least two
+    programs per SM (longest first within a sequence, the causal triangle then leaves a modelled
+    utilisation >= 0.98 at one block per SM, >= 0.97 at two).
+    """
+    return next((s for s in range(1, G + 1) if G % s == 0 and programs * s >= 2 * sms), G)
+
+
 def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
     B, H, N, D = q.shape
     HKV = k.shape[1]
@@ -416,10 +445,23 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
     slopes = ku.slopes_arg(alibi_slopes, q.device)
     meta = dict(BLOCK_D=BLOCK_D, **ku.attention_flags(q.dtype, alibi_slopes))
     tail = (float(scale), N, D, H, G, _n_bucket(N))
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, slopes) + tail
+    if interpreting() and q.device.type == "cpu":  # exercise the partial sums
+        S = next((s for s in range(2, G + 1) if G % s == 0), 1)
+    else:
+        max_block_n = max(c[1] for c in gpu_configs("dkdv", BLOCK_D, q.dtype))
+        S = dkdv_head_splits(triton.cdiv(N, max_block_n) * B * HKV, G, ku.sm_count(q.device))
+    if S == 1:
+        dk_out, dv_out, stride_split = dk, dv, 0
+    else:  # fp32 partials (2, S, B*Hkv*N, d): slice s of dk, then of dv
+        partial = ku.alloc((2, S, B * HKV * N, D), torch.float32, q.device)
+        dk_out, dv_out, stride_split = partial[0], partial[1], B * HKV * N * D
+    dkdv_args = (q, k, v, do, lse, delta, dk_out, dv_out, slopes) + tail + (G // S, stride_split)
     dq_args = (q, k, v, do, lse, delta, dq, slopes) + tail
     dkdv = _tuned(_flash_bwd_dkdv_kernel, "dkdv", BLOCK_D, q.dtype)
-    dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * HKV,)](*dkdv_args, **meta)
+    dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * HKV * S,)](*dkdv_args, **meta)
+    if S > 1:  # the fixed-order sum of the slices: deterministic, no atomics
+        dk = ku.sum_leading(partial[0], B * HKV * N, k.dtype).view(k.shape)
+        dv = ku.sum_leading(partial[1], B * HKV * N, v.dtype).view(v.shape)
     dq_kernel = _tuned(_flash_bwd_dq_kernel, "dq", BLOCK_D, q.dtype)
     dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*dq_args, **meta)
     return dq, dk, dv
