@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import _kernel_utils as ku
-from ._kernel_utils import head_dim_block, load_tile
+from ._kernel_utils import distance, head_dim_block, load_tile
 from .backends import interpreting
 
 LOG2E = 1.4426950408889634
@@ -105,7 +105,7 @@ def _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI: tl.constexpr, DOT
     """Base-2 scores s2 (BLOCK_M, BLOCK_N) of query rows offs_m against key rows offs_n, with ALiBi."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_ALIBI:
-        s -= slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        s -= slope2 * distance(offs_m, offs_n)
     return s
 
 
@@ -201,7 +201,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
         delta = tl.load(DELTA + row_base + offs_m, mask=row_mask, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         if HAS_ALIBI:
-            sT -= slope2 * (offs_m[None, :] - offs_n[:, None]).to(tl.float32)
+            sT += slope2 * distance(offs_n, offs_m)  # -slope2 * (i - j), transposed
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:  # above the diagonal pT may be inf: where() drops it before any product
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
