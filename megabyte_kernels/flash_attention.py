@@ -61,6 +61,15 @@ def _split_pid(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _split_pid_longest_first(N, BLOCK: tl.constexpr):
+    """:func:`_split_pid` with the row blocks of a sequence in reverse: under the causal mask the
+    last query block (it visits every key block) is launched first and the shortest last, so the
+    final wave holds the short programs instead of the longest."""
+    pid_m, bh = _split_pid(N, BLOCK)
+    return tl.cdiv(N, BLOCK) - 1 - pid_m, bh
+
+
+@triton.jit
 def _split_pid_of(pid, N, BLOCK: tl.constexpr):
     """(row block, sequence) of the program index pid of :func:`_split_pid`."""
     n_blocks = tl.cdiv(N, BLOCK)
@@ -142,7 +151,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes o (B, Hq, N, d) and lse2 (B, Hq, N)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs a contraction of at least 16")
-    pid_m, bh = _split_pid(N, BLOCK_M)  # bh = b * Hq + h
+    pid_m, bh = _split_pid_longest_first(N, BLOCK_M)  # bh = b * Hq + h
     h, q_base, kv_base = _head_bases(bh, H, G, N, D)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -289,7 +298,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes dq (B, Hq, N, d)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
-    pid_m, bh = _split_pid(N, BLOCK_M)
+    pid_m, bh = _split_pid_longest_first(N, BLOCK_M)
     h, q_base, kv_base = _head_bases(bh, H, G, N, D)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
