@@ -92,8 +92,8 @@ def _flash_cases(dtype):
             lname = f"GPU_FP32['{kind}']" if dtype == "fp32" else f"GPU_{kind.upper()}['{fa._d_class(d)}']"
             for alibi in _alibi_variants(dtype):
                 common = dict(scale=d ** -0.5, N=N_SEQ, D=d, H=H_FLASH, G=G_FLASH, N_BUCKET=fa._n_bucket(N_SEQ),
-                              HAS_ALIBI=alibi, UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
-                              BLOCK_D=d)
+                              HAS_ALIBI=alibi, EVEN_D=True, UPCAST=False,
+                              DOT_PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=d)
                 for i, (bm, bn, w, s) in enumerate(rows):
                     args = {**ptrs[kind], **common, **(dkdv_ints if kind == "dkdv" else {}), "BLOCK_M": bm,
                             "BLOCK_N": bn}

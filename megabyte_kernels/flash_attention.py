@@ -24,8 +24,9 @@ of G / S heads) and walks, for each head of its slice in turn, the diagonal quer
 and then the query blocks below them (unmasked): the GQA sum over a slice's heads happens in
 its registers, the S fp32 partials are summed in a fixed order afterwards, so there are no
 atomics and the result is bitwise reproducible. The head dim is padded to BLOCK_D (a power of two >= 16) with
-masked loads; row tails are masked loads filled with zeros (see the comments in the kernels for
-why the zero rows contribute nothing).
+masked loads (no head-dim mask when BLOCK_D == d: the EVEN_D constexpr); row tails are masked
+loads filled with zeros (see the comments in the kernels for why the zero rows contribute
+nothing).
 
 Each forward/backward pair is a ``torch.library.custom_op`` (``megabyte::flash_attn_fwd`` /
 ``megabyte::flash_attn_bwd``) with a fake (meta) implementation and registered autograd, so
@@ -74,6 +75,17 @@ def _split_pid_of(pid, N, BLOCK: tl.constexpr):
     """(row block, sequence) of the program index pid of :func:`_split_pid`."""
     n_blocks = tl.cdiv(N, BLOCK)
     return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
+def _head_dim_mask(offs_d, D, EVEN_D: tl.constexpr):
+    """offs_d < D; a constant all-true mask when EVEN_D (BLOCK_D == D), which the compiler folds
+    away: the loads and stores of whole rows then carry no per-column predicate."""
+    if EVEN_D:
+        mask = tl.full(offs_d.shape, True, tl.int1)
+    else:
+        mask = offs_d < D
+    return mask
 
 
 @triton.jit
@@ -129,14 +141,18 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, 
         kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, MASKED)
         k = load_tile(K, kv_off, kv_mask, UPCAST)
         v = load_tile(V, kv_off, kv_mask, UPCAST)
-        s = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC)
+        if HAS_ALIBI:  # s2 = s_raw * 1
+            s_raw, s_scale = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC), 1.0
+        else:  # s2 = s_raw * qk_scale, scaled inside the FMA with the max subtraction below
+            s_raw, s_scale = tl.dot(q, tl.trans(k), input_precision=DOT_PREC), qk_scale
         if MASKED:
-            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+            s_raw = tl.where(offs_m[:, None] >= offs_n[None, :], s_raw, float("-inf"))
         # Every row (live or tail) sees key start_m in the first diagonal block, so m_new is
-        # finite from then on and exp2(-inf - m_new) = 0 for masked entries.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # finite from then on and exp2(-inf - m_new) = 0 for masked entries. s_scale > 0 (the
+        # scale is validated positive), so max(s_raw) * s_scale is the row max of s2.
+        m_new = tl.maximum(m_i, tl.max(s_raw, 1) * s_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s_raw * s_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -146,7 +162,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, 
 
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
-                      HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                      HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes o (B, Hq, N, d) and lse2 (B, Hq, N)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
@@ -156,7 +172,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    d_mask = _head_dim_mask(offs_d, D, EVEN_D)
     row_mask = offs_m < N
     q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
@@ -223,7 +239,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D, H, G, N_BUCKET, HPS, stride_split,
-                           HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                           HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (B*Hkv * cdiv(N, BLOCK_N) * S,), S = G / HPS slices of HPS query heads each.
 
@@ -245,7 +261,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    d_mask = _head_dim_mask(offs_d, D, EVEN_D)
     kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, True)
     k = load_tile(K, kv_off, kv_mask, UPCAST)
     v = load_tile(V, kv_off, kv_mask, UPCAST)
@@ -294,7 +310,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask,
 
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G, N_BUCKET,
-                         HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes dq (B, Hq, N, d)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
@@ -303,7 +319,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G,
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    d_mask = _head_dim_mask(offs_d, D, EVEN_D)
     row_mask = offs_m < N
     off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, D, True)
     q = load_tile(Q, off, mask, UPCAST)
@@ -421,7 +437,7 @@ def _launch_fwd(q, k, v, alibi_slopes, scale):
         return o, lse
     BLOCK_D = head_dim_block(D)
     args = (q, k, v, o, lse, ku.slopes_arg(alibi_slopes, q.device), float(scale), N, D, H, G, _n_bucket(N))
-    meta = dict(BLOCK_D=BLOCK_D, **ku.attention_flags(q.dtype, alibi_slopes))
+    meta = dict(BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, **ku.attention_flags(q.dtype, alibi_slopes))
     kern = _tuned(_flash_fwd_kernel, "fwd", BLOCK_D, q.dtype)
     kern[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*args, **meta)
     return o, lse
@@ -452,7 +468,7 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
     _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m) * B * H,)](o, do, delta, N, D, BLOCK_M=pre_m,
                                                                     BLOCK_D=BLOCK_D)
     slopes = ku.slopes_arg(alibi_slopes, q.device)
-    meta = dict(BLOCK_D=BLOCK_D, **ku.attention_flags(q.dtype, alibi_slopes))
+    meta = dict(BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, **ku.attention_flags(q.dtype, alibi_slopes))
     tail = (float(scale), N, D, H, G, _n_bucket(N))
     if interpreting() and q.device.type == "cpu":  # exercise the partial sums
         S = next((s for s in range(2, G + 1) if G % s == 0), 1)
