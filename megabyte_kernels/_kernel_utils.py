@@ -195,6 +195,33 @@ def onehot_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return (64, 32, 64, 4, 3) if dtype == torch.float32 else (128, 64, 128, 8, 3)
 
 
+# Blocks per SM of the one-hot kernel's GPU config (benchmarks/results/aot-sm90.md: bf16 170
+# registers x 8 warps -> 1; fp32 128 registers x 4 warps -> 4, by registers).
+ONEHOT_BLOCKS_PER_SM = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
+
+
+def split_rows(n: int, block: int, tiles: int, min_programs: int, slots: int) -> tuple[int, int]:
+    """(splits, rows_per_split) of n rows for a launch of tiles * splits programs of equal work
+    (a split-K GEMM): splits boundaries on whole blocks of ``block`` rows, at least
+    ``min_programs`` programs, and the program count on whole waves of ``slots`` (SMs x blocks
+    per SM): the first split count from the smallest up to twice it whose wave utilisation
+    ``programs / (ceil(programs / slots) * slots)`` reaches 0.95, else the best of them.
+    """
+    n_blocks = triton.cdiv(n, block)
+    lo = max(1, min(n_blocks, triton.cdiv(min_programs, tiles)))
+    best = None
+    for s in range(lo, min(n_blocks, 2 * lo) + 1):
+        rows_per_split = triton.cdiv(n_blocks, s) * block
+        splits = triton.cdiv(n, rows_per_split)
+        programs = tiles * splits
+        util = programs / (triton.cdiv(programs, slots) * slots)
+        if best is None or util > best[0]:
+            best = (util, splits, rows_per_split)
+        if util >= 0.95:
+            break
+    return best[1], best[2]
+
+
 def onehot_grad(codes: torch.Tensor, g: torch.Tensor, ve: int, ones_row: int = -1) -> torch.Tensor:
     """(VE, D) fp32 ``onehot(codes)^T @ g`` for codes (N,) int32 and g (N, D) contiguous.
 
@@ -204,15 +231,13 @@ def onehot_grad(codes: torch.Tensor, g: torch.Tensor, ve: int, ones_row: int = -
     N, D = g.shape
     if interpreting():
         BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = 16, 16, 32, 4, 1
-        target = 2  # two splits: exercise the partial reduction with few interpreted ops
+        min_programs, slots = 2, 1  # two programs: a single tile splits in two (the partial sum)
     else:
         BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = onehot_config(g.dtype)
-        target = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count
+        sms = sm_count(g.device)
+        min_programs, slots = 4 * sms, sms * ONEHOT_BLOCKS_PER_SM[g.dtype]
     tiles = triton.cdiv(ve, BLOCK_V) * triton.cdiv(D, BLOCK_D)
-    n_blocks = triton.cdiv(N, BLOCK_N)
-    splits = max(1, min(n_blocks, triton.cdiv(target, tiles)))
-    rows_per_split = triton.cdiv(n_blocks, splits) * BLOCK_N
-    splits = triton.cdiv(N, rows_per_split)
+    splits, rows_per_split = split_rows(N, BLOCK_N, tiles, min_programs, slots)
     partial = alloc((splits, ve, D), torch.float32, g.device)
     grid = (triton.cdiv(ve, BLOCK_V), triton.cdiv(D, BLOCK_D), splits)
     _onehot_grad_kernel[grid](
