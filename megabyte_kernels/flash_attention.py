@@ -364,8 +364,9 @@ def _cfgs(rows):
 # aot-table`): the first row of each 16-bit list (the pinned config, MEGABYTE_PIN_CONFIGS=1) is
 # spill-free, with and without ALiBi, and at d <= 128 runs on wgmma (tests/kernels/test_aot.py).
 # wgmma needs 64 rows per dot: BLOCK_M >= 64 (fwd/dq), BLOCK_N >= 64 (dkdv). No other row spills
-# more than 32 B per thread. At d = 256 every wgmma dK/dV tile spills (64-row fp32 dk and dv
-# accumulators of 256 columns): that list is mma.sync tiles plus the least-spilling wgmma one.
+# more than 32 B per thread. At d = 256 the wgmma dK/dV tiles spilled (64-row fp32 dk and dv
+# accumulators of 256 columns): that list is mma.sync tiles plus the least-spilling wgmma one
+# (16x64, spill-free at 255 registers since the head-split change).
 GPU_FWD = {
     "small": [(128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     "mid": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 8, 4)],
@@ -383,7 +384,8 @@ GPU_DQ = {
 }
 # fp32 tiles take twice the shared memory and registers: smaller blocks, fewer stages, 8 warps
 # (IEEE dots run on CUDA cores with their operands in registers: at 4 warps the first rows spilled
-# 0.3-67 KB per thread on sm_90). The first row of each is spill-free at d = 64, 128 and 256.
+# 0.3-67 KB per thread on sm_90). The first row of each is spill-free at d = 64, 128 and 256, but
+# dK/dV's at d = 128 (32 B per thread since the head-split and ALiBi changes: ptxas's choice).
 GPU_FP32 = {
     "fwd": [(32, 16, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2)],
     "dkdv": [(16, 32, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2)],
