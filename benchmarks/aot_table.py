@@ -14,7 +14,8 @@ turns into the constexpr 1):
 
 * flash attention (global): B = 2, N = 8192, H = 16 query heads, multi-query (G = 16, the
   model's default ``g_kv_heads=1``), with and without ALiBi (fp32: with), head dim d = 64 / 128 / 256
-  for the three head-dim classes (BLOCK_D = d), scale d^-1/2;
+  for the three head-dim classes (BLOCK_D = d), scale d^-1/2; the dK/dV kernel with the head
+  slices ``dkdv_head_splits`` picks there for 132 SMs (fp32 partials);
 * local attention: 2^20 patches of P = 8 bytes at d = 64 with H = 4 (G = 1) and H = 8 (G = 8,
   multi-query), and 2^17 patches of P = 64 at d = 128, H = 4 (G = 1), with and without ALiBi
   (fp32: with); the tile and warps from ``tiling()`` / ``num_warps_for()`` evaluated as on a GPU;
@@ -49,7 +50,7 @@ G2L = "megabyte_kernels.global_to_local"
 ELT = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # the typical launch (module docstring)
-N_SEQ, H_FLASH, G_FLASH = 8192, 16, 16
+B_FLASH, N_SEQ, H_FLASH, G_FLASH = 2, 8192, 16, 16
 B_BYTES, T_BYTES, P_BYTES, D_G, D_L, V, PAD_ID = 128, 8192, 8, 1024, 512, 512, 257
 M_ROWS = B_BYTES * T_BYTES
 LOCAL_SHAPES = ((64, 8, 1, 4, 1 << 20), (64, 8, 8, 8, 1 << 20), (128, 64, 1, 4, 1 << 17))  # d, P, G, H, patches
@@ -79,16 +80,23 @@ def _flash_cases(dtype):
         ptrs = {"fwd": dict(Q=t, K=t, V=t, O=t, LSE="*fp32", Slopes="*fp32"),
                 "dkdv": dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DK=t, DV=t, Slopes="*fp32"),
                 "dq": dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DQ=t, Slopes="*fp32")}
+        # the dK/dV launch: S slices of the G heads, writing fp32 partials when S > 1
+        max_bn = max(c[1] for c in fa.gpu_configs("dkdv", d, _torch_dtype(dtype)))
+        splits = fa.dkdv_head_splits(-(-N_SEQ // max_bn) * B_FLASH * H_FLASH // G_FLASH, G_FLASH, 132)
+        if splits > 1:
+            ptrs["dkdv"].update(DK="*fp32", DV="*fp32")
+        dkdv_ints = dict(HPS=G_FLASH // splits, stride_split=0 if splits == 1 else B_FLASH * N_SEQ * d)
         kernels = {"fwd": "_flash_fwd_kernel", "dkdv": "_flash_bwd_dkdv_kernel", "dq": "_flash_bwd_dq_kernel"}
         for kind, kname in kernels.items():
             rows = fa.gpu_configs(kind, d, _torch_dtype(dtype))
             lname = f"GPU_FP32['{kind}']" if dtype == "fp32" else f"GPU_{kind.upper()}['{fa._d_class(d)}']"
             for alibi in _alibi_variants(dtype):
                 common = dict(scale=d ** -0.5, N=N_SEQ, D=d, H=H_FLASH, G=G_FLASH, N_BUCKET=fa._n_bucket(N_SEQ),
-                              HAS_ALIBI=alibi, UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
-                              BLOCK_D=d)
+                              HAS_ALIBI=alibi, EVEN_D=True, UPCAST=False,
+                              DOT_PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=d)
                 for i, (bm, bn, w, s) in enumerate(rows):
-                    args = {**ptrs[kind], **common, "BLOCK_M": bm, "BLOCK_N": bn}
+                    args = {**ptrs[kind], **common, **(dkdv_ints if kind == "dkdv" else {}), "BLOCK_M": bm,
+                            "BLOCK_N": bn}
                     out.append(_case(f"flash_{kind} {dtype} d={d}{' alibi' if alibi else ''} #{i} {bm}x{bn} w{w} s{s}",
                                      f"{FA}:{kname}", args, warps=w, stages=s, dtype=dtype, list_name=lname, index=i))
         pre = dict(O=t, DO=t, DELTA="*fp32", N=N_SEQ, D=d, BLOCK_M=fa.pre_block_m(d), BLOCK_D=d)

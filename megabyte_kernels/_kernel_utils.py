@@ -8,7 +8,7 @@
 * **Numerics**: :func:`upcast` (the interpreter's bf16), :func:`dot_precision` (TF32 like
   torch.matmul), :func:`head_dim_block`; the attention kernels' mode flags and ALiBi slopes
   (:func:`attention_flags`, :func:`slopes_arg`).
-* **Tile helper** ``@triton.jit`` :func:`load_tile`.
+* **Tile helpers** ``@triton.jit`` :func:`load_tile`, :func:`distance`.
 * **The deterministic table gradient** both byte-level ops use (patch_embed's token table and
   pad patch, global_to_local's local table, local pad and bias): :func:`onehot_grad`, a one-hot
   matmul on tensor cores split over rows with fixed boundaries, and :func:`sum_leading`, the
@@ -89,6 +89,13 @@ def slopes_arg(alibi_slopes, device) -> torch.Tensor:
     return alibi_slopes.detach().to(torch.float32).contiguous()
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the H200's 132 elsewhere (meta tensors, CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def head_dim_block(d: int) -> int:
     """BLOCK_D: d padded to a power of two, at least 16 (tl.dot's minimum contraction)."""
     return max(16, triton.next_power_of_2(d))
@@ -101,6 +108,14 @@ def load_tile(X, off, mask, UPCAST: tl.constexpr):
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def distance(rows, cols):
+    """(rows[:, None] - cols[None, :]) in fp32 for int index vectors (the ALiBi distance): the
+    two 1-D vectors are converted, not each element of the tile (cvt.rn.f32.s32 issues at a
+    fraction of the FMA rate). Exact below 2^24, like the converted integer difference."""
+    return rows.to(tl.float32)[:, None] - cols.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -180,6 +195,33 @@ def onehot_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return (64, 32, 64, 4, 3) if dtype == torch.float32 else (128, 64, 128, 8, 3)
 
 
+# Blocks per SM of the one-hot kernel's GPU config (benchmarks/results/aot-sm90.md: bf16 170
+# registers x 8 warps -> 1; fp32 128 registers x 4 warps -> 4, by registers).
+ONEHOT_BLOCKS_PER_SM = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
+
+
+def split_rows(n: int, block: int, tiles: int, min_programs: int, slots: int) -> tuple[int, int]:
+    """(splits, rows_per_split) of n rows for a launch of tiles * splits programs of equal work
+    (a split-K GEMM): splits boundaries on whole blocks of ``block`` rows, at least
+    ``min_programs`` programs, and the program count on whole waves of ``slots`` (SMs x blocks
+    per SM): the first split count from the smallest up to twice it whose wave utilisation
+    ``programs / (ceil(programs / slots) * slots)`` reaches 0.95, else the best of them.
+    """
+    n_blocks = triton.cdiv(n, block)
+    lo = max(1, min(n_blocks, triton.cdiv(min_programs, tiles)))
+    best = None
+    for s in range(lo, min(n_blocks, 2 * lo) + 1):
+        rows_per_split = triton.cdiv(n_blocks, s) * block
+        splits = triton.cdiv(n, rows_per_split)
+        programs = tiles * splits
+        util = programs / (triton.cdiv(programs, slots) * slots)
+        if best is None or util > best[0]:
+            best = (util, splits, rows_per_split)
+        if util >= 0.95:
+            break
+    return best[1], best[2]
+
+
 def onehot_grad(codes: torch.Tensor, g: torch.Tensor, ve: int, ones_row: int = -1) -> torch.Tensor:
     """(VE, D) fp32 ``onehot(codes)^T @ g`` for codes (N,) int32 and g (N, D) contiguous.
 
@@ -189,15 +231,13 @@ def onehot_grad(codes: torch.Tensor, g: torch.Tensor, ve: int, ones_row: int = -
     N, D = g.shape
     if interpreting():
         BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = 16, 16, 32, 4, 1
-        target = 2  # two splits: exercise the partial reduction with few interpreted ops
+        min_programs, slots = 2, 1  # two programs: a single tile splits in two (the partial sum)
     else:
         BLOCK_V, BLOCK_N, BLOCK_D, warps, stages = onehot_config(g.dtype)
-        target = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count
+        sms = sm_count(g.device)
+        min_programs, slots = 4 * sms, sms * ONEHOT_BLOCKS_PER_SM[g.dtype]
     tiles = triton.cdiv(ve, BLOCK_V) * triton.cdiv(D, BLOCK_D)
-    n_blocks = triton.cdiv(N, BLOCK_N)
-    splits = max(1, min(n_blocks, triton.cdiv(target, tiles)))
-    rows_per_split = triton.cdiv(n_blocks, splits) * BLOCK_N
-    splits = triton.cdiv(N, rows_per_split)
+    splits, rows_per_split = split_rows(N, BLOCK_N, tiles, min_programs, slots)
     partial = alloc((splits, ve, D), torch.float32, g.device)
     grid = (triton.cdiv(ve, BLOCK_V), triton.cdiv(D, BLOCK_D), splits)
     _onehot_grad_kernel[grid](

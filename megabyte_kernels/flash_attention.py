@@ -19,12 +19,14 @@ Shapes: q, o, dO, dq (B, Hq, N, d); k, v, dk, dv (B, Hkv, N, d); lse2, delta (B,
 Tiling: the forward and dQ kernels own a block of BLOCK_M query rows of one (b, h) and walk the
 key blocks left of the diagonal unmasked, then the BLOCK_M / BLOCK_N diagonal blocks with the
 causal mask; blocks right of the diagonal are never visited. The dK/dV kernel owns BLOCK_N key
-rows of one (b, g) and walks, for every query head of the group in turn, the diagonal query
-blocks (masked) and then the query blocks below them (unmasked): the GQA sum over the group's
-query heads happens in its registers, so no atomics and no partial buffers are needed and the
-result is bitwise reproducible. The head dim is padded to BLOCK_D (a power of two >= 16) with
-masked loads; row tails are masked loads filled with zeros (see the comments in the kernels for
-why the zero rows contribute nothing).
+rows of one (b, g) and one slice of the group's query heads (:func:`dkdv_head_splits`: S slices
+of G / S heads) and walks, for each head of its slice in turn, the diagonal query blocks (masked)
+and then the query blocks below them (unmasked): the GQA sum over a slice's heads happens in
+its registers, the S fp32 partials are summed in a fixed order afterwards, so there are no
+atomics and the result is bitwise reproducible. The head dim is padded to BLOCK_D (a power of two >= 16) with
+masked loads (no head-dim mask when BLOCK_D == d: the EVEN_D constexpr); row tails are masked
+loads filled with zeros (see the comments in the kernels for why the zero rows contribute
+nothing).
 
 Each forward/backward pair is a ``torch.library.custom_op`` (``megabyte::flash_attn_fwd`` /
 ``megabyte::flash_attn_bwd``) with a fake (meta) implementation and registered autograd, so
@@ -39,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import _kernel_utils as ku
-from ._kernel_utils import head_dim_block, load_tile
+from ._kernel_utils import distance, head_dim_block, load_tile
 from .backends import interpreting
 
 LOG2E = 1.4426950408889634
@@ -56,9 +58,34 @@ def _split_pid(N, BLOCK: tl.constexpr):
     1-D because CUDA caps grid axes y and z at 65,535: B*H sequences on axis 1 fail at launch
     once B*H > 65,535 (a local model with P > 64 runs this kernel with B*K*H sequences); axis x
     takes 2^31 - 1."""
-    pid = tl.program_id(0)
+    return _split_pid_of(tl.program_id(0), N, BLOCK)
+
+
+@triton.jit
+def _split_pid_longest_first(N, BLOCK: tl.constexpr):
+    """:func:`_split_pid` with the row blocks of a sequence in reverse: under the causal mask the
+    last query block (it visits every key block) is launched first and the shortest last, so the
+    final wave holds the short programs instead of the longest."""
+    pid_m, bh = _split_pid(N, BLOCK)
+    return tl.cdiv(N, BLOCK) - 1 - pid_m, bh
+
+
+@triton.jit
+def _split_pid_of(pid, N, BLOCK: tl.constexpr):
+    """(row block, sequence) of the program index pid of :func:`_split_pid`."""
     n_blocks = tl.cdiv(N, BLOCK)
     return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
+def _head_dim_mask(offs_d, D, EVEN_D: tl.constexpr):
+    """offs_d < D; a constant all-true mask when EVEN_D (BLOCK_D == D), which the compiler folds
+    away: the loads and stores of whole rows then carry no per-column predicate."""
+    if EVEN_D:
+        mask = tl.full(offs_d.shape, True, tl.int1)
+    else:
+        mask = offs_d < D
+    return mask
 
 
 @triton.jit
@@ -99,7 +126,7 @@ def _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI: tl.constexpr, DOT
     """Base-2 scores s2 (BLOCK_M, BLOCK_N) of query rows offs_m against key rows offs_n, with ALiBi."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_ALIBI:
-        s -= slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        s -= slope2 * distance(offs_m, offs_n)
     return s
 
 
@@ -114,14 +141,18 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, 
         kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, MASKED)
         k = load_tile(K, kv_off, kv_mask, UPCAST)
         v = load_tile(V, kv_off, kv_mask, UPCAST)
-        s = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC)
+        if HAS_ALIBI:  # s2 = s_raw * 1
+            s_raw, s_scale = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC), 1.0
+        else:  # s2 = s_raw * qk_scale, scaled inside the FMA with the max subtraction below
+            s_raw, s_scale = tl.dot(q, tl.trans(k), input_precision=DOT_PREC), qk_scale
         if MASKED:
-            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+            s_raw = tl.where(offs_m[:, None] >= offs_n[None, :], s_raw, float("-inf"))
         # Every row (live or tail) sees key start_m in the first diagonal block, so m_new is
-        # finite from then on and exp2(-inf - m_new) = 0 for masked entries.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # finite from then on and exp2(-inf - m_new) = 0 for masked entries. s_scale > 0 (the
+        # scale is validated positive), so max(s_raw) * s_scale is the row max of s2.
+        m_new = tl.maximum(m_i, tl.max(s_raw, 1) * s_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s_raw * s_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -131,17 +162,17 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, 
 
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
-                      HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                      HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes o (B, Hq, N, d) and lse2 (B, Hq, N)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs a contraction of at least 16")
-    pid_m, bh = _split_pid(N, BLOCK_M)  # bh = b * Hq + h
+    pid_m, bh = _split_pid_longest_first(N, BLOCK_M)  # bh = b * Hq + h
     h, q_base, kv_base = _head_bases(bh, H, G, N, D)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    d_mask = _head_dim_mask(offs_d, D, EVEN_D)
     row_mask = offs_m < N
     q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
@@ -195,7 +226,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
         delta = tl.load(DELTA + row_base + offs_m, mask=row_mask, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         if HAS_ALIBI:
-            sT -= slope2 * (offs_m[None, :] - offs_n[:, None]).to(tl.float32)
+            sT += slope2 * distance(offs_n, offs_m)  # -slope2 * (i - j), transposed
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:  # above the diagonal pT may be inf: where() drops it before any product
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
@@ -207,12 +238,22 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
 
 
 @triton.jit
-def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D, H, G, N_BUCKET,
-                           HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D, H, G, N_BUCKET, HPS, stride_split,
+                           HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_N) * B*Hkv,). Writes dk, dv (B, Hkv, N, d), summed over the G query heads."""
+    """Grid (B*Hkv * cdiv(N, BLOCK_N) * S,), S = G / HPS slices of HPS query heads each.
+
+    Program (bkv, key block, slice s) sums the dk, dv (BLOCK_N, d) of the HPS query heads
+    s*HPS .. s*HPS + HPS - 1 of group g into DK, DV + s * stride_split: the (B, Hkv, N, d) result
+    when S = 1, else slice s of fp32 partials (S, B, Hkv, N, d) that the launcher sums in a fixed
+    order. Launch order: sequences outer, then key blocks from the first (the longest: it sees every
+    query row) to the last, slices innermost (they share the block's k, v in L2).
+    """
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "the diagonal must cover whole query blocks")
-    pid_n, bkv = _split_pid(N, BLOCK_N)  # bkv = b * Hkv + g
+    S = G // HPS
+    pid = tl.program_id(0)
+    s = pid % S
+    pid_n, bkv = _split_pid_of(pid // S, N, BLOCK_N)  # bkv = b * Hkv + g
     HKV = H // G
     b = bkv // HKV
     g = bkv % HKV
@@ -220,7 +261,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    d_mask = _head_dim_mask(offs_d, D, EVEN_D)
     kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, True)
     k = load_tile(K, kv_off, kv_mask, UPCAST)
     v = load_tile(V, kv_off, kv_mask, UPCAST)
@@ -228,8 +269,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, N)
-    # The GQA reduction: one program visits every query head of its group, in a fixed order.
-    for j in range(0, G):
+    # The GQA reduction: one program visits the query heads of its slice in a fixed order.
+    for j in range(s * HPS, s * HPS + HPS):
         h = g * G + j
         bh = b * H + h
         q_base = bh.to(tl.int64) * N * D
@@ -242,8 +283,9 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
                                  start_n + BLOCK_N, N, N, D, qk_scale, slope2, False, HAS_ALIBI, UPCAST,
                                  DOT_PREC, BLOCK_M)
     dk = dk * scale
-    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    out_off = s.to(tl.int64) * stride_split + kv_off
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -268,16 +310,16 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask,
 
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G, N_BUCKET,
-                         HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes dq (B, Hq, N, d)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
-    pid_m, bh = _split_pid(N, BLOCK_M)
+    pid_m, bh = _split_pid_longest_first(N, BLOCK_M)
     h, q_base, kv_base = _head_bases(bh, H, G, N, D)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
+    d_mask = _head_dim_mask(offs_d, D, EVEN_D)
     row_mask = offs_m < N
     off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, D, True)
     q = load_tile(Q, off, mask, UPCAST)
@@ -322,8 +364,9 @@ def _cfgs(rows):
 # aot-table`): the first row of each 16-bit list (the pinned config, MEGABYTE_PIN_CONFIGS=1) is
 # spill-free, with and without ALiBi, and at d <= 128 runs on wgmma (tests/kernels/test_aot.py).
 # wgmma needs 64 rows per dot: BLOCK_M >= 64 (fwd/dq), BLOCK_N >= 64 (dkdv). No other row spills
-# more than 32 B per thread. At d = 256 every wgmma dK/dV tile spills (64-row fp32 dk and dv
-# accumulators of 256 columns): that list is mma.sync tiles plus the least-spilling wgmma one.
+# more than 32 B per thread. At d = 256 the wgmma dK/dV tiles spilled (64-row fp32 dk and dv
+# accumulators of 256 columns): that list is mma.sync tiles plus the least-spilling wgmma one
+# (16x64, spill-free at 255 registers since the head-split change).
 GPU_FWD = {
     "small": [(128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     "mid": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 8, 4)],
@@ -341,7 +384,8 @@ GPU_DQ = {
 }
 # fp32 tiles take twice the shared memory and registers: smaller blocks, fewer stages, 8 warps
 # (IEEE dots run on CUDA cores with their operands in registers: at 4 warps the first rows spilled
-# 0.3-67 KB per thread on sm_90). The first row of each is spill-free at d = 64, 128 and 256.
+# 0.3-67 KB per thread on sm_90). The first row of each is spill-free at d = 64, 128 and 256, but
+# dK/dV's at d = 128 (32 B per thread since the head-split and ALiBi changes: ptxas's choice).
 GPU_FP32 = {
     "fwd": [(32, 16, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2)],
     "dkdv": [(16, 32, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2)],
@@ -395,10 +439,25 @@ def _launch_fwd(q, k, v, alibi_slopes, scale):
         return o, lse
     BLOCK_D = head_dim_block(D)
     args = (q, k, v, o, lse, ku.slopes_arg(alibi_slopes, q.device), float(scale), N, D, H, G, _n_bucket(N))
-    meta = dict(BLOCK_D=BLOCK_D, **ku.attention_flags(q.dtype, alibi_slopes))
+    meta = dict(BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, **ku.attention_flags(q.dtype, alibi_slopes))
     kern = _tuned(_flash_fwd_kernel, "fwd", BLOCK_D, q.dtype)
     kern[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*args, **meta)
     return o, lse
+
+
+def dkdv_head_splits(programs: int, G: int, sms: int) -> int:
+    """S, the slices the G query heads of a group are spread over in the dK/dV kernel.
+
+    With S = 1 the dK/dV grid has cdiv(N, BLOCK_N) * B * Hkv programs: at multi-query (Hkv = 1),
+    B = 1, N = 8K and BLOCK_N = 128 that is 64 programs for 132 SMs. ``programs`` is that count at
+    the largest BLOCK_N of the autotune list; S is the smallest divisor of G that gives at least two
+    programs per SM. With the longest key block of a sequence launched first, the modelled
+    utilisation (launch-order dispatch to SMs x blocks-per-SM slots, causal work per program) at
+    multi-query, H = 16, N = 8K is 0.98-0.99 for every 16-bit config at B = 1 (S = 8, or 4 at
+    d = 256) and B = 4 (S = 2; 1 at d = 256), against 0.25 (B = 1) and 0.66 (B = 4) unsplit at
+    BLOCK_N = 128.
+    """
+    return next((s for s in range(1, G + 1) if G % s == 0 and programs * s >= 2 * sms), G)
 
 
 def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
@@ -414,12 +473,25 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
     _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m) * B * H,)](o, do, delta, N, D, BLOCK_M=pre_m,
                                                                     BLOCK_D=BLOCK_D)
     slopes = ku.slopes_arg(alibi_slopes, q.device)
-    meta = dict(BLOCK_D=BLOCK_D, **ku.attention_flags(q.dtype, alibi_slopes))
+    meta = dict(BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, **ku.attention_flags(q.dtype, alibi_slopes))
     tail = (float(scale), N, D, H, G, _n_bucket(N))
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, slopes) + tail
+    if interpreting() and q.device.type == "cpu":  # exercise the partial sums
+        S = next((s for s in range(2, G + 1) if G % s == 0), 1)
+    else:
+        max_block_n = max(c[1] for c in gpu_configs("dkdv", BLOCK_D, q.dtype))
+        S = dkdv_head_splits(triton.cdiv(N, max_block_n) * B * HKV, G, ku.sm_count(q.device))
+    if S == 1:
+        dk_out, dv_out, stride_split = dk, dv, 0
+    else:  # fp32 partials (2, S, B*Hkv*N, d): slice s of dk, then of dv
+        partial = ku.alloc((2, S, B * HKV * N, D), torch.float32, q.device)
+        dk_out, dv_out, stride_split = partial[0], partial[1], B * HKV * N * D
+    dkdv_args = (q, k, v, do, lse, delta, dk_out, dv_out, slopes) + tail + (G // S, stride_split)
     dq_args = (q, k, v, do, lse, delta, dq, slopes) + tail
     dkdv = _tuned(_flash_bwd_dkdv_kernel, "dkdv", BLOCK_D, q.dtype)
-    dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * HKV,)](*dkdv_args, **meta)
+    dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * HKV * S,)](*dkdv_args, **meta)
+    if S > 1:  # the fixed-order sum of the slices: deterministic, no atomics
+        dk = ku.sum_leading(partial[0], B * HKV * N, k.dtype).view(k.shape)
+        dv = ku.sum_leading(partial[1], B * HKV * N, v.dtype).view(v.shape)
     dq_kernel = _tuned(_flash_bwd_dq_kernel, "dq", BLOCK_D, q.dtype)
     dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*dq_args, **meta)
     return dq, dk, dv

@@ -245,6 +245,12 @@ def _matmul(a: torch.Tensor, b_ptr: torch.Tensor, stride_bk: int, stride_bn: int
     return c
 
 
+# Blocks per SM of the dW kernel's GPU config (benchmarks/results/aot-sm90.md: bf16 116
+# registers x 8 warps and 96 KB shared -> 2; fp32 72 registers x 4 warps: 6 with IEEE dots (32 KB
+# shared), 4 with TF32 (48 KB); the smaller taken).
+ATB_BLOCKS_PER_SM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
 def atb_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """GPU (BLOCK_I, BLOCK_J, BLOCK_M, num_warps, num_stages) of the dW kernel (64x64 for IEEE fp32)."""
     return (64, 64, 32, 4, 3) if dtype == torch.float32 else (128, 128, 64, 8, 3)
@@ -255,15 +261,14 @@ def _atb(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     M, NA = a.shape
     NB = b.shape[1]
     if interpreting():
-        BLOCK_I, BLOCK_J, BLOCK_M, warps, stages, target = 16, 32, 32, 4, 1, 2
+        BLOCK_I, BLOCK_J, BLOCK_M, warps, stages = 16, 32, 32, 4, 1
+        min_programs, slots = 2, 1
     else:
         BLOCK_I, BLOCK_J, BLOCK_M, warps, stages = atb_config(a.dtype)
-        target = 2 * torch.cuda.get_device_properties(a.device).multi_processor_count
+        sms = ku.sm_count(a.device)
+        min_programs, slots = 2 * sms, sms * ATB_BLOCKS_PER_SM[a.dtype]
     tiles = triton.cdiv(NA, BLOCK_I) * triton.cdiv(NB, BLOCK_J)
-    m_blocks = triton.cdiv(M, BLOCK_M)
-    splits = max(1, min(m_blocks, triton.cdiv(target, tiles)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * BLOCK_M
-    splits = triton.cdiv(M, rows_per_split)
+    splits, rows_per_split = ku.split_rows(M, BLOCK_M, tiles, min_programs, slots)
     partial = ku.alloc((splits, NA, NB), torch.float32, a.device)
     grid = (triton.cdiv(NA, BLOCK_I), triton.cdiv(NB, BLOCK_J), splits)
     _atb_kernel[grid](a, b, partial, M, NA, NB, rows_per_split, UPCAST=ku.upcast(a.dtype),

@@ -18,7 +18,7 @@ and c a tile column (key sequence c // P, position c % P)::
     s[r, c] = scale * q[r]·k[c] - slope_h(r) * (pos(r) - pos(c))
               if seq(r) // G == seq(c) and pos(c) <= pos(r), else -inf
     p       = exact row softmax of s (the whole row is in the tile: no online rescaling)
-    o       = p @ v
+    o       = (e @ v) / l,  e = exp2(s2 - rowmax), l = rowsum(e)   (normalised after P·V)
 
 Backward recomputes p in registers from q and k (nothing is saved but the inputs; no
 log-sum-exp), and uses ``delta[r] = rowsum(p * dp)`` which equals ``rowsum(dO * o)`` without
@@ -75,12 +75,17 @@ def _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D,
 @triton.jit
 def _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
                  HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Exact block-diagonal causal softmax p (BLOCK_Q, BLOCK_KV) in fp32."""
+    """The exact block-diagonal causal softmax p = e * inv_l[:, None] (BLOCK_Q, BLOCK_KV) as its
+    unnormalised e = exp2(s2 - rowmax) and the reciprocal inv_l (BLOCK_Q,) of its row sums, fp32:
+    one reciprocal per row, and the forward normalises after P·V (a (BLOCK_Q, BLOCK_D) scale)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_ALIBI:
         head = (q_seq0 + qs_local) % H
         slope2 = tl.load(Slopes + head, mask=r_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-        s -= slope2[:, None] * (r_pos[:, None] - c_pos[None, :]).to(tl.float32)
+        # -slope2 * (pos(r) - pos(c)): the row's term -slope2 * pos(r) is a constant of the row and
+        # cancels in this exact softmax, so only the key term is added (one FMA per element;
+        # LLVM folds the converted difference of distance() back into a per-element cvt here)
+        s += slope2[:, None] * c_pos.to(tl.float32)[None, :]
     allowed = ((qs_local // G)[:, None] == c_seq[None, :]) & (c_pos[None, :] <= r_pos[:, None]) & c_ok[None, :]
     s = tl.where(allowed, s, float("-inf"))
     m = tl.max(s, 1)
@@ -88,7 +93,7 @@ def _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok
     p = tl.math.exp2(s - m[:, None])
     l = tl.sum(p, 1)
     l = tl.where(l == 0.0, 1.0, l)
-    return p / l[:, None]
+    return p, 1.0 / l
 
 
 @triton.jit
@@ -113,9 +118,9 @@ def _local_fwd_kernel(Q, K, V, O, Slopes, scale, P, G, H, NQ_SEQ, NKV_SEQ, D, SP
         qs_local, r_ok, q_off, q_mask = _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D,
                                                       SPT_KV, SPQ)
         q = load_tile(Q, q_off, q_mask, UPCAST)
-        p = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
-                         HAS_ALIBI, DOT_PREC)
-        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        e, inv_l = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G,
+                                H, HAS_ALIBI, DOT_PREC)
+        o = tl.dot(e.to(v.dtype), v, input_precision=DOT_PREC) * inv_l[:, None]
         tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_mask)
 
 
@@ -147,8 +152,9 @@ def _local_bwd_kernel(Q, K, V, DO, DQ, DK, DV, Slopes, scale, P, G, H, NQ_SEQ, N
                                                       SPT_KV, SPQ)
         q = load_tile(Q, q_off, q_mask, UPCAST)
         do = load_tile(DO, q_off, q_mask, UPCAST)
-        p = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
-                         HAS_ALIBI, DOT_PREC)
+        e, inv_l = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G,
+                                H, HAS_ALIBI, DOT_PREC)
+        p = e * inv_l[:, None]
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         delta = tl.sum(p * dp, 1)  # = rowsum(dO * o)

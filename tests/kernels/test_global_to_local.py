@@ -235,3 +235,23 @@ def test_gpu_offsets_past_int32():
     ids_tail = ids[:, (K - 3) * P:]
     ref = global_to_local(x[:, last], ids_tail, w, None, table, patch_size=P, pad_id=0, backend="reference")
     torch.testing.assert_close(out[last].float(), ref.float(), atol=6e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("tiles,min_programs,slots,splits", [
+    (32, 264, 264, 16),  # dW (512 x 1024, 128x128 tiles), bf16 at 2 blocks per SM: 9 splits would be 0.55
+    (20, 528, 132, 32),  # the local table's one-hot gradient (514 x 512, 128x128 tiles), bf16
+    (40, 528, 132, 16),  # patch_embed's one-hot gradient (520 x 1024), bf16
+])
+def test_split_rows_lands_on_whole_waves(tiles, min_programs, slots, splits):
+    """The split count of the deterministic split-K launches (dW, the one-hot table gradients) at
+    1 M rows in 64-row blocks: the smallest with at least ``min_programs`` programs whose count
+    fills whole waves of ``slots`` to >= 95%, by the hand formula programs / (ceil(programs /
+    slots) * slots); every block row is in exactly one split."""
+    from megabyte_kernels import _kernel_utils as ku
+
+    n, block = 1 << 20, 64
+    got, rows_per_split = ku.split_rows(n, block, tiles, min_programs, slots)
+    programs = tiles * got
+    assert got == splits and programs >= min_programs
+    assert programs / (-(-programs // slots) * slots) >= 0.95
+    assert rows_per_split % block == 0 and (got - 1) * rows_per_split < n <= got * rows_per_split
