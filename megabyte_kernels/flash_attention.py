@@ -450,14 +450,15 @@ def dkdv_head_splits(programs: int, G: int, sms: int) -> int:
 
     With S = 1 the dK/dV grid has cdiv(N, BLOCK_N) * B * Hkv programs: at multi-query (Hkv = 1),
     B = 1, N = 8K and BLOCK_N = 128 that is 64 programs for 132 SMs. ``programs`` is that count at
-    the largest BLOCK_N of the autotune list; S is the smallest divisor of G that gives at least two
-    programs per SM. With the longest key block of a sequence launched first, the modelled
-    utilisation (launch-order dispatch to SMs x blocks-per-SM slots, causal work per program) at
-    multi-query, H = 16, N = 8K is 0.98-0.99 for every 16-bit config at B = 1 (S = 8, or 4 at
-    d = 256) and B = 4 (S = 2; 1 at d = 256), against 0.25 (B = 1) and 0.66 (B = 4) unsplit at
-    BLOCK_N = 128.
+    the largest BLOCK_N of the autotune list; S is the smallest divisor of G that gives at least four
+    programs per SM. Splitting costs only the k/v loads of the extra slices and the fp32 partials
+    (the q and dO rows each program reads are its own heads'). At two programs per SM (the first
+    rule) ``benchmarks.perf_model`` modelled the BLOCK_N = 128 configs at 0.81 wave efficiency
+    (512 programs, 1 block per SM, causal work per program) at multi-query, B = 1, H = 16, N = 8K;
+    at four, 0.89 (BLOCK_N = 128: 1,024 programs) to 0.99 (BLOCK_N = 64: 2,048) for every config at
+    d = 128, B = 1 (S = 16) and B = 4 (S = 4), against 0.25 (B = 1) and 0.66 (B = 4) unsplit.
     """
-    return next((s for s in range(1, G + 1) if G % s == 0 and programs * s >= 2 * sms), G)
+    return next((s for s in range(1, G + 1) if G % s == 0 and programs * s >= 4 * sms), G)
 
 
 def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):

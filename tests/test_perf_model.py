@@ -44,15 +44,19 @@ def test_floor_of_the_flash_forward_by_hand(committed):
 
 
 def test_mqa_dkdv_wave_by_hand(committed):
-    """Issue 15's figure: MQA (Hkv = 1), B = 1, N = 8K, BLOCK_N = 128: 64 programs, key block j
-    walks N - 128·j query rows (all 16 heads), one block per SM (246 registers × 8 warps), so
-    E = Σ_j (64 - j) / (132 · 64) = 2080 / 8448 ≈ 0.25."""
+    """Issue 15's figure: MQA (Hkv = 1), B = 1, N = 8K, BLOCK_N = 128 without splitting the heads:
+    64 programs, key block j walks N - 128·j query rows (all 16 heads), one block per SM (246
+    registers × 8 warps), so E = Σ_j (64 - j) / (132 · 64) = 2080 / 8448 ≈ 0.25. With the heads
+    spread over S = 16 slices (``dkdv_head_splits``) the committed table has 1,024 programs and
+    E >= 0.85 for every config."""
+    by_hand = sum(64 - j for j in range(64)) / (132 * 64)
+    assert pm.wave_efficiency([64 - j for j in range(64)], 64, 132) == pytest.approx(by_hand, rel=1e-12)
     rows = [r for r in committed["dkdv"] if r["shape"].startswith("B=1 N=8192") and r["config"].startswith("16x128")]
     assert rows, "the dK/dV list has a BLOCK_N = 128 config"
-    by_hand = sum(64 - j for j in range(64)) / (132 * 64)
     for r in rows:
-        assert r["programs"] == 64 and r["blocks_per_sm"] == 1
-        assert r["wave_eff"] == pytest.approx(by_hand, rel=1e-12)
+        assert r["programs"] == 64 * 16 and r["blocks_per_sm"] == 1
+        assert r["wave_eff"] >= 0.85
+    assert all(r["wave_eff"] >= 0.85 for r in committed["dkdv"])
     # blocks per SM from the formula: 246 regs -> 7936 per warp -> 8 warps -> 1 block of 8 warps
     assert pm.blocks_per_sm(246, 82048, 8) == {"blocks": 1, "limit": "registers"}
     assert pm.blocks_per_sm(32, 128, 4)["blocks"] == 16  # 32 regs: 1024 per warp, 64 warps / 4
