@@ -474,7 +474,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # torch.multinomial(probs, 1)'s own algorithm (argmax of probs / Exp(1) noise: the same ids
+    # from the same generator) without its validity check, which reads a value back to the host
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def _generator(seed: int | None, device) -> torch.Generator | None:
