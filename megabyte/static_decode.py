@@ -59,11 +59,12 @@ class StaticLayerCache:
         self.k.scatter_(1, idx, k.transpose(1, 2))
         self.v.scatter_(1, idx, v.transpose(1, 2))
         keys, vals = self.k.transpose(1, 2), self.v.transpose(1, 2)  # (B, Hkv, C, d)
-        if Hkv != Hq:  # grouped-query: query head h reads key/value head h // (Hq / Hkv)
-            G, C = Hq // Hkv, keys.shape[2]
-            keys = keys[:, :, None].expand(B, Hkv, G, C, d).reshape(B, Hq, C, d)
-            vals = vals[:, :, None].expand(B, Hkv, G, C, d).reshape(B, Hq, C, d)
-        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=p.mask)
+        # grouped-query: query head h = g_kv * G + g reads key/value head g_kv, so the G query
+        # heads of a key/value head are G queries of one head: (B, Hkv, G, d), no copy of the cache
+        G = Hq // Hkv
+        mask = p.mask if p.mask.shape[1] == 1 else p.mask.view(B, Hkv, G, -1)  # (B, 1 or Hkv, 1 or G, C)
+        o = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, d), keys, vals, attn_mask=mask)
+        return o.reshape(B, Hq, 1, d)
 
 
 class StaticKV:
