@@ -124,9 +124,11 @@ def run(device: str | torch.device = "cpu", quick: bool = False) -> list[dict]:
 
 
 def measure(device: str | torch.device, prompt_len: int, new: int, repeats: int = 2, *, batch: int = 1,
-            config: str = "demo", graphs: bool = False, recompute: bool | None = None) -> dict:
-    """One row: the static and the dynamic decoder (and, at batch 1 or when ``recompute``, full
-    recomputation) for ``batch`` prompts of ``prompt_len`` bytes and ``new`` bytes each."""
+            config: str = "demo", graphs: bool = False, recompute: bool | None = None,
+            dynamic: bool = True) -> dict:
+    """One row: the static decoder, the dynamic one (unless ``dynamic=False``) and, at batch 1 or
+    when ``recompute``, full recomputation, for ``batch`` prompts of ``prompt_len`` bytes and
+    ``new`` new bytes each."""
     device = torch.device(device)
     cfg, label = CONFIGS[config]
     torch.manual_seed(0)
@@ -134,14 +136,19 @@ def measure(device: str | torch.device, prompt_len: int, new: int, repeats: int 
     prompt = torch.randint(0, 256, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
     graphs = graphs and device.type == "cuda"
     static = dict(temperature=0, decoder="static", cuda_graphs=graphs)
-    dynamic = dict(temperature=0, decoder="cached")
-    generate(model, prompt[:, :64], 8, **static)  # warm-up (allocator, kernels)
-    generate(model, prompt[:, :64], 8, **dynamic)
+    paths = {"static": dict(temperature=0, decoder="static", cuda_graphs=graphs)}
+    if dynamic:
+        paths["dynamic"] = dict(temperature=0, decoder="cached")
+    for kw in paths.values():
+        generate(model, prompt[:, :64], 8, **kw)  # warm-up (allocator, kernels)
     info: dict = {}
-    t_static, ids_static = _time(lambda: generate(model, prompt, new, info=info, **static), device, repeats)
-    t_dyn, ids_dyn = _time(lambda: generate(model, prompt, new, **dynamic), device, repeats)
+    t_static, ids_static = _time(lambda: generate(model, prompt, new, info=info, **paths["static"]), device, repeats)
+    t_dyn, same = None, True
+    if dynamic:
+        t_dyn, ids_dyn = _time(lambda: generate(model, prompt, new, **paths["dynamic"]), device, repeats)
+        same = bool(torch.equal(ids_static, ids_dyn))
     recompute = batch == 1 if recompute is None else recompute
-    t_full, same = None, bool(torch.equal(ids_static, ids_dyn))
+    t_full = None
     if recompute:
         generate_uncached(model, prompt[:, :64], 2, temperature=0)
         t_full, ids_full = _time(lambda: generate_uncached(model, prompt, new, temperature=0), device, repeats=1)
@@ -150,7 +157,7 @@ def measure(device: str | torch.device, prompt_len: int, new: int, repeats: int 
     n1, n2 = min(3 * u0, new // 2), min(3 * u0 + 4 * u0, new)
     counts = {}
     if n2 > n1:
-        for name, kw in (("static", static), ("dynamic", dynamic)):
+        for name, kw in paths.items():
             for k, v in per_byte_counts(lambda n: generate(model, prompt, n, **kw), n1, n2, device).items():
                 counts[f"{name}_{k}"] = v
     row = {
@@ -161,10 +168,12 @@ def measure(device: str | torch.device, prompt_len: int, new: int, repeats: int 
         "prompt_bytes": prompt_len, "new_bytes": new, "graphs": graphs,
         "graphs_used": sum(n.endswith("CUDA graph") for n in info.get("graph_notes", [])),
         "capture_s": info.get("capture_s", 0.0),
-        "static_ms_per_byte": 1e3 * t_static / new, "dynamic_ms_per_byte": 1e3 * t_dyn / new,
+        "static_ms_per_byte": 1e3 * t_static / new, "dynamic_ms_per_byte": None if t_dyn is None else 1e3 * t_dyn / new,
         "recompute_ms_per_byte": None if t_full is None else 1e3 * t_full / new,
-        "static_bytes_per_s": batch * new / t_static, "dynamic_bytes_per_s": batch * new / t_dyn,
-        "static_vs_dynamic": t_dyn / t_static, "ratio": None if t_full is None else t_full / t_static,
+        "static_bytes_per_s": batch * new / t_static,
+        "dynamic_bytes_per_s": None if t_dyn is None else batch * new / t_dyn,
+        "static_vs_dynamic": None if t_dyn is None else t_dyn / t_static,
+        "ratio": None if t_full is None else t_full / t_static,
         **counts, "profiled_bytes": f"{n1}..{n2}", "same_bytes": same,
     }
     if info.get("graph_notes") and row["graphs_used"] < len(info["graph_notes"]):
@@ -185,6 +194,8 @@ def print_row(r: dict) -> None:
     print(f"  {'path':<16}{'ms/byte':>9}{'bytes/s':>10}{'ops/byte':>10}{'syncs/byte':>12}"
           + ("  launches/byte" if "static_launches_per_byte" in r else ""))
     for name in ("static", "dynamic"):
+        if r[f"{name}_ms_per_byte"] is None:
+            continue
         line = (f"  {name:<16}{r[f'{name}_ms_per_byte']:9.3f}{r[f'{name}_bytes_per_s']:10.0f}"
                 f"{_fmt(r.get(f'{name}_ops_per_byte'), '10.1f')}{_fmt(r.get(f'{name}_syncs_per_byte'), '12.2f')}")
         if f"{name}_launches_per_byte" in r:
@@ -192,7 +203,7 @@ def print_row(r: dict) -> None:
         print(line)
     if r["recompute_ms_per_byte"] is not None:
         print(f"  {'full recompute':<16}{r['recompute_ms_per_byte']:9.3f}")
-    print(f"  static vs dynamic {r['static_vs_dynamic']:.2f}x, vs recompute {_fmt(r['ratio'], '.1f')}x{g}; "
+    print(f"  static vs dynamic {_fmt(r['static_vs_dynamic'], '.2f')}x, vs recompute {_fmt(r['ratio'], '.1f')}x{g}; "
           f"same bytes: {r['same_bytes']}")
     if r.get("graph_notes"):
         print(f"  graph notes: {r['graph_notes']}")

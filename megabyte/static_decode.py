@@ -119,7 +119,8 @@ class StaticStepper:
         self.B, self.device, self.units = dec.B, dec.device, dec.units
         self.last = self.cfg.n_stages - 1
         self.t = dec.t.to(self.device).clone()  # (B,) bytes known per row
-        self.lens = dec.t.tolist()  # host: prompt lengths, for the schedule
+        # host schedule: stage i steps at generation step s when s % u_i is one of these phases
+        self.phases = [{(-L) % u for L in dec.t.tolist()} for u in self.units]
         self.transformers = [self.model.g_transformer] + [part.transformer for part in dec.parts[1:]]
         self.kv = [StaticKV(c, tr) for c, tr in zip(dec.caches, self.transformers)]
         self.neg_allowed = None if allowed is None else ~allowed.to(self.device)
@@ -134,7 +135,7 @@ class StaticStepper:
     def due(self, s: int) -> list[int]:
         """Upper stages (outer first) that some row steps when it predicts its ``s``-th new byte
         (0 = the prefill's): stage i when ``(len(prompt_b) + s) % u_i == 0`` for some b."""
-        return [i for i in range(self.last) if any((L + s) % self.units[i] == 0 for L in self.lens)]
+        return [i for i in range(self.last) if s % self.units[i] in self.phases[i]]
 
     # --- public steps -------------------------------------------------------------------------
     def append(self, ids: torch.Tensor) -> None:
