@@ -185,15 +185,19 @@ class StaticStepper:
         x = proj.gather(1, slot[..., None].expand(self.B, u, proj.shape[-1])) + emb  # (B, u, dims[i])
         return x.reshape(self.B, 1, -1)
 
-    def _run(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage i's transformer over the unit holding byte t -> (output (B, width), due (B,) bool)."""
+    def _run(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stage i's transformer over the unit holding byte t -> (output (B, width), due (B,) bool;
+        None for the byte stage, due everywhere)."""
         t, u = self.t, self.units[i]
-        do = t % u == 0
-        x = self._global_input(t // u) if i == 0 else self._stage_input(i, t - t % u)
+        if i == self.last:  # the byte stage (u = 1): every row is due at every byte
+            do, x = None, self._stage_input(i, t)
+        else:
+            do = t % u == 0
+            x = self._global_input(t // u) if i == 0 else self._stage_input(i, t - t % u)
         kv = self.kv[i]
         kv.begin(x.dtype)
         y = self.transformers[i](x, self.model.backend, cache=kv)[:, -1]
-        kv.pos.add_(do.to(kv.pos.dtype))
+        kv.pos.add_(1 if do is None else do.to(kv.pos.dtype))
         return y, do
 
     def _unit_step(self, i: int) -> None:
