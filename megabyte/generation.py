@@ -37,6 +37,13 @@ Positions: with ``positions="learned"`` byte ``t`` needs row ``(t // P + 1) * P 
 table, exactly as the full forward over ``t + 1`` bytes does; :func:`generate` raises a clear
 ``ValueError`` before decoding when that passes ``T_MAX``. ALiBi and ``none`` generate past it.
 
+Two decoders behind :func:`generate`: ``decoder="static"`` (the default) prefills with
+:class:`CachedDecoder` and then decodes with :class:`megabyte.static_decode.StaticStepper`:
+every row takes every step, state and EOS flags on the device, no host read inside a block of
+``check_every`` bytes, CUDA graphs on a GPU (:func:`_static_iter`). ``decoder="cached"`` is the
+host-driven loop above (:func:`_decode_iter`), which drops stopped rows. Greedy output is the
+same; so is seeded sampling while no row of a batch has stopped.
+
 Dependencies: this module imports nothing from :mod:`megabyte.model`. It reads the modules it
 needs (``g_transformer``, ``gl_linear``, the embedding tables, ...) from the model it is handed,
 so ``Megabyte.generate`` is a thin method over :func:`generate` without an import cycle.
