@@ -425,14 +425,31 @@ def item_global_to_local_parity(ctx: Ctx) -> None:
                 f"B={p['B']} T={p['T']} P={p['P']} D_G={p['D_G']} D_L={p['D_L']}")
 
 
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def item_generation(ctx: Ctx) -> None:
+    """The static decoder against the dynamic one, per batch size and with / without CUDA graphs
+    (``bench_generation.measure``; recompute only at batch 1), most valuable row first."""
     from benchmarks import bench_generation
 
     s = ctx.plan["generation"]
-    row = bench_generation.measure(ctx.device, s["prompt"], s["new"], repeats=s["repeats"])
-    ctx.emit({"kind": "bench", "item": "generation", "impl": row["backend"], "pass": "generate", **row})
-    ctx.say(f"  generation               {row['cached_bytes_per_s']:.0f} bytes/s cached (batch 1, backend "
-            f"{row['backend']}), {row['ratio']:.1f}x recompute, same bytes: {row['same_bytes']}")
+    for batch in s["batches"]:
+        for graphs in s["graphs"]:
+            if ctx.left() < 5.0:
+                ctx.say(f"  generation               batch {batch} graphs {graphs}: skipped, budget spent")
+                continue
+            row = bench_generation.measure(ctx.device, s["prompt"], s["new"], repeats=s["repeats"], batch=batch,
+                                           config=s["config"], graphs=graphs and ctx.cuda,
+                                           recompute=batch == 1 and graphs == s["graphs"][0],
+                                           dynamic=graphs == s["graphs"][0])
+            ctx.emit({"kind": "bench", "item": "generation", "impl": row["backend"], "pass": "generate", **row})
+            ctx.say(f"  generation               batch {batch}, graphs {row['graphs']} ({row['graphs_used']} "
+                    f"captured, {row['capture_s']:.2f} s): static {row['static_bytes_per_s']:.0f} bytes/s, "
+                    f"dynamic {_num(row['dynamic_bytes_per_s'])}; ops/byte {row.get('static_ops_per_byte')} vs "
+                    f"{row.get('dynamic_ops_per_byte')}, syncs/byte {row.get('static_syncs_per_byte')} vs "
+                    f"{row.get('dynamic_syncs_per_byte')}; same bytes: {row['same_bytes']}")
 
 
 def item_train_step(ctx: Ctx) -> None:

@@ -37,6 +37,13 @@ Positions: with ``positions="learned"`` byte ``t`` needs row ``(t // P + 1) * P 
 table, exactly as the full forward over ``t + 1`` bytes does; :func:`generate` raises a clear
 ``ValueError`` before decoding when that passes ``T_MAX``. ALiBi and ``none`` generate past it.
 
+Two decoders behind :func:`generate`: ``decoder="static"`` (the default) prefills with
+:class:`CachedDecoder` and then decodes with :class:`megabyte.static_decode.StaticStepper`:
+every row takes every step, state and EOS flags on the device, no host read inside a block of
+``check_every`` bytes, CUDA graphs on a GPU (:func:`_static_iter`). ``decoder="cached"`` is the
+host-driven loop above (:func:`_decode_iter`), which drops stopped rows. Greedy output is the
+same; so is seeded sampling while no row of a batch has stopped.
+
 Dependencies: this module imports nothing from :mod:`megabyte.model`. It reads the modules it
 needs (``g_transformer``, ``gl_linear``, the embedding tables, ...) from the model it is handed,
 so ``Megabyte.generate`` is a thin method over :func:`generate` without an import cycle.
@@ -44,12 +51,15 @@ Loading a checkpoint and printing text (``megabyte generate``) is :mod:`megabyte
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KVCache", "CachedDecoder", "generate", "generate_stream", "generate_uncached", "sample_next",
+from .static_decode import StaticStepper
+
+__all__ = ["KVCache", "CachedDecoder", "DECODERS", "generate", "generate_stream", "generate_uncached", "sample_next",
            "as_prompts", "VOCABS", "allowed_ids", "restrict_logits"]
 
 
@@ -252,9 +262,10 @@ class CachedDecoder:
     when t is a multiple of u_{i-1} too): the two-stage clocks, one per stage.
     """
 
-    def __init__(self, model, prompts: list[torch.Tensor], max_new_bytes: int):
+    def __init__(self, model, prompts: list[torch.Tensor], max_new_bytes: int, spare: int = 0):
+        """``spare``: extra positions in every cache (the static decoder's scratch slot)."""
         cfg = self.cfg = model.config
-        self.model = model
+        self.model, self.spare = model, spare
         self.units = cfg.units  # (u_0, ..., u_{n-1} = 1)
         self.parts = [None] + model.stage_parts()  # stage i >= 1: StageParts(linear, table, pad, transformer)
         w = model.g_embedder.weight
@@ -266,8 +277,8 @@ class CachedDecoder:
         for i, p in enumerate(prompts):
             self.seqs[i, :len(p)] = p.to(self.device)
         n_patches = (max(total, 1) - 1) // cfg.P + 1  # patches of the last byte predicted
-        self.caches = [KVCache(model.g_transformer, B, n_patches, self.device, self.dtype)]
-        self.caches += [KVCache(part.transformer, B, ps, self.device, self.dtype)
+        self.caches = [KVCache(model.g_transformer, B, n_patches + spare, self.device, self.dtype)]
+        self.caches += [KVCache(part.transformer, B, ps + spare, self.device, self.dtype)
                         for part, ps in zip(self.parts[1:], cfg.patch_sizes)]
         self.g_cache, self.l_cache = self.caches[0], self.caches[-1]
         self.proj = [None] + [torch.zeros(B, self.units[i - 1], cfg.dims[i], device=self.device, dtype=self.dtype)
@@ -400,6 +411,7 @@ class CachedDecoder:
 
 
 VOCABS = ("bytes", "all")
+DECODERS = ("static", "cached")
 N_BYTES = 256  # ids 0..255 are the byte values
 
 
@@ -469,7 +481,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # torch.multinomial(probs, 1)'s own algorithm (argmax of probs / Exp(1) noise: the same ids
+    # from the same generator) without its validity check, which reads a value back to the host
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def _generator(seed: int | None, device) -> torch.Generator | None:
@@ -484,8 +499,8 @@ def _generator(seed: int | None, device) -> torch.Generator | None:
 
 def _decode_iter(model, prompts: list[torch.Tensor], max_new_bytes: int, temperature, top_k, top_p, eos_id,
                  seed, vocab) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yields ``(rows, ids, logits)`` per step: the still active rows, their new ids, the logits
-    (restricted to ``vocab``: disallowed ids at ``-inf``)."""
+    """The cached decoder's loop. Yields ``(rows, ids, logits)`` per step: the still active rows,
+    their new ids, the logits (restricted to ``vocab``: disallowed ids at ``-inf``)."""
     dec = CachedDecoder(model, prompts, max_new_bytes)
     gen = _generator(seed, dec.device)
     allowed = allowed_ids(model.config.V, vocab, eos_id, dec.device)
@@ -501,6 +516,60 @@ def _decode_iter(model, prompts: list[torch.Tensor], max_new_bytes: int, tempera
         if len(rows) == 0 or i == max_new_bytes - 1:
             return
         logits = dec.step(rows, nxt)
+
+
+def _static_iter(model, prompts: list[torch.Tensor], max_new_bytes: int, out: torch.Tensor,
+                 all_logits: torch.Tensor | None, temperature, top_k, top_p, eos_id, seed, vocab,
+                 check_every: int, cuda_graphs, info: dict | None) -> Iterator[int]:
+    """The static decoder's loop (:mod:`megabyte.static_decode`): fills ``out`` (B, max_new_bytes)
+    int64 and, when given, ``all_logits`` (B, max_new_bytes, V) on the device, and yields the
+    number of columns filled after every ``check_every`` steps (and at the end).
+
+    Per step, all on the device: sample every row (a row that stopped samples too, its id is
+    replaced by ``pad_id``), ``done |= ids == eos_id``, append, the due upper-stage steps, the
+    byte step. Nothing is read back inside a block; after a block, when ``eos_id`` is given,
+    one ``.item()`` tells whether every row has stopped, which ends the loop. The ids written
+    do not depend on ``check_every``: a block past the last EOS only adds ``pad_id`` columns.
+    """
+    dec = CachedDecoder(model, prompts, max_new_bytes, spare=1)
+    gen = _generator(seed, dec.device)
+    allowed = allowed_ids(model.config.V, vocab, eos_id, dec.device)
+    graphs = dec.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+    t0 = time.perf_counter()
+    logits = restrict_logits(dec.prefill(), allowed)
+    stepper = StaticStepper(dec, allowed, graphs=graphs)
+    done = torch.zeros(dec.B, dtype=torch.bool, device=dec.device)
+    pad = model.config.pad_id
+    for s in range(max_new_bytes):
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)
+        out[:, s] = torch.where(done, pad, nxt)
+        if all_logits is not None:
+            all_logits[:, s] = logits.masked_fill(done[:, None], 0).to(all_logits.dtype)
+        if eos_id is not None:
+            done |= nxt == eos_id
+        last = s == max_new_bytes - 1
+        if last or (s + 1) % check_every == 0:
+            yield s + 1
+            if last or (eos_id is not None and done.all().item()):
+                break
+        stepper.append(nxt)
+        for i in stepper.due(s + 1):
+            stepper.unit_step(i)
+        logits = stepper.byte_step()
+    if info is not None:
+        info.update(decoder="static", steps=s + 1, graphs=graphs, graph_notes=list(stepper.graph_notes),
+                    capture_s=sum(stepper.timings.values()), loop_s=time.perf_counter() - t0)
+
+
+def _check_decoder_args(decoder, check_every, cuda_graphs) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS} ('static': fixed-shape steps without host syncs, "
+                         f"CUDA graphs on a GPU; 'cached': the host-driven cached decoder), got {decoder!r}")
+    if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
+        raise ValueError(f"check_every must be an int >= 1 (bytes between two host checks for EOS), "
+                         f"got {check_every!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be None (on when the model is on CUDA), True or False, got {cuda_graphs!r}")
 
 
 def _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id, vocab):
@@ -528,9 +597,20 @@ class _EvalMode:
         self.model.train(self.was)
 
 
+def _width(out: torch.Tensor, eos_id: int | None) -> int:
+    """Columns up to the last row's EOS (all of them when some row never stopped): out (B, N)."""
+    N = out.shape[1]
+    if eos_id is None or N == 0:
+        return N
+    hit = out == eos_id
+    stop = torch.where(hit.any(1), hit.int().argmax(1) + 1, N)  # first EOS of each row, + 1
+    return int(stop.max())
+
+
 def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
-             vocab: str = "bytes", return_logits: bool = False):
+             vocab: str = "bytes", return_logits: bool = False, decoder: str = "static", check_every: int = 16,
+             cuda_graphs: bool | None = None, info: dict | None = None):
     """Generate up to ``max_new_bytes`` ids after each prompt with cached incremental decoding.
 
     Prompts are *ragged*: a (B, T) tensor, or a list of 1-D tensors / lists of ints / ``bytes`` /
@@ -550,8 +630,17 @@ def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0,
     With ``return_logits=True`` also returns the next-byte logits (B, N, V) of every step, as
     sampled from (``-inf`` outside ``vocab``; zero for rows that had stopped). The model runs in
     eval mode (dropout off), restored afterwards.
+    Decoder: ``"static"`` (default; :mod:`megabyte.static_decode`) runs fixed-shape steps with the
+    state on the device and no host sync inside a block of ``check_every`` bytes (the host learns
+    of EOS once per block; the output is the same for any ``check_every``), replayed from CUDA
+    graphs when ``cuda_graphs`` (None: on when the model is on CUDA; eager where capture fails).
+    Every row keeps sampling until the last stops, so with ``eos_id`` and several rows the random
+    stream, and hence a seeded sample, differs from ``"cached"``'s (the host-driven decoder that
+    drops stopped rows); greedy output is the same. ``info``: a dict filled with the decoder's
+    details (steps, graphs, capture seconds).
     """
     prompts = _validate(model, prompt_ids, max_new_bytes, temperature, top_k, top_p, eos_id, vocab)
+    _check_decoder_args(decoder, check_every, cuda_graphs)
     cfg = model.config
     device = model.g_embedder.weight.device
     B = len(prompts)
@@ -560,27 +649,38 @@ def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0,
                   if return_logits else None)
     n = 0
     if max_new_bytes > 0 and B > 0:
-        with _EvalMode(model):
-            for i, (rows, nxt, logits) in enumerate(
-                    _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed, vocab)):
-                rd = rows.to(device)
-                out[rd, i] = nxt
-                if return_logits:
-                    all_logits[rd, i] = logits.to(all_logits.dtype)
-                n = i + 1
+        with _EvalMode(model), torch.no_grad():
+            if decoder == "static":
+                for n in _static_iter(model, prompts, max_new_bytes, out, all_logits, temperature, top_k, top_p,
+                                      eos_id, seed, vocab, check_every, cuda_graphs, info):
+                    pass
+                n = _width(out[:, :n], eos_id)
+            else:
+                for i, (rows, nxt, logits) in enumerate(
+                        _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed, vocab)):
+                    rd = rows.to(device)
+                    out[rd, i] = nxt
+                    if return_logits:
+                        all_logits[rd, i] = logits.to(all_logits.dtype)
+                    n = i + 1
+                if info is not None:
+                    info.update(decoder="cached", steps=n)
     out = out[:, :n]
     return (out, all_logits[:, :n]) if return_logits else out
 
 
 def generate_stream(model, prompt, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
-                    vocab: str = "bytes") -> Iterator[int]:
-    """Yield the ids generated after one prompt, one at a time as they are produced (cached).
+                    vocab: str = "bytes", decoder: str = "static", check_every: int = 1,
+                    cuda_graphs: bool | None = None) -> Iterator[int]:
+    """Yield the ids generated after one prompt, as they are produced (cached).
 
     Stops after ``max_new_bytes`` ids or after yielding ``eos_id``. Same arguments as :func:`generate`
-    (``vocab="bytes"``: only byte values and ``eos_id`` are yielded).
+    (``vocab="bytes"``: only byte values and ``eos_id`` are yielded); with the static decoder the
+    ids come in blocks of ``check_every`` (1: each as soon as it is sampled).
     """
     prompts = _validate(model, prompt, max_new_bytes, temperature, top_k, top_p, eos_id, vocab)
+    _check_decoder_args(decoder, check_every, cuda_graphs)
     if len(prompts) != 1:
         raise ValueError(f"generate_stream takes one prompt, got {len(prompts)}")
     if max_new_bytes == 0:
@@ -588,9 +688,21 @@ def generate_stream(model, prompt, max_new_bytes: int, *, temperature: float = 1
     was = model.training
     model.eval()
     try:
-        for _, nxt, _ in _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id, seed,
-                                      vocab):
-            yield int(nxt[0])
+        with torch.no_grad():
+            if decoder == "cached":
+                for _, nxt, _ in _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id,
+                                              seed, vocab):
+                    yield int(nxt[0])
+                return
+            out = torch.empty(1, max_new_bytes, dtype=torch.long, device=model.g_embedder.weight.device)
+            sent = 0
+            for n in _static_iter(model, prompts, max_new_bytes, out, None, temperature, top_k, top_p, eos_id,
+                                  seed, vocab, check_every, cuda_graphs, None):
+                for x in out[0, sent:n].tolist():
+                    yield x
+                    if x == eos_id:
+                        return
+                sent = n
     finally:
         model.train(was)
 

@@ -362,14 +362,18 @@ class Megabyte(nn.Module):
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
-                 vocab: str = "bytes"):
+                 vocab: str = "bytes", decoder: str = "static", check_every: int = 16,
+                 cuda_graphs: bool | None = None):
         """Cached incremental decoding; see :func:`megabyte.generation.generate`.
 
         Returns (B, N) new ids: byte values (< 256), ``eos_id`` and ``pad_id`` after it with the
         default ``vocab="bytes"``; ``vocab="all"`` lets every id of the V-id vocabulary be sampled.
+        ``decoder="static"`` (default: fixed-shape steps, no host sync per byte, CUDA graphs on a
+        GPU) or ``"cached"`` (the host-driven decoder).
         """
         return generation.generate(self, prompt_ids, max_new_bytes, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, eos_id=eos_id, seed=seed, vocab=vocab)
+                                   top_p=top_p, eos_id=eos_id, seed=seed, vocab=vocab, decoder=decoder,
+                                   check_every=check_every, cuda_graphs=cuda_graphs)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str) -> None:
