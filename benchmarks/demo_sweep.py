@@ -66,6 +66,12 @@ CANDIDATES: dict[str, list[str]] = {
     # longer context at the same 2,048 bytes per step (5.7 MB): code repeats its names
     "b4-T512-lr1.2e-2-w50-s2800": _c(4, "1.2e-2", 50, 2800, "--seq-len", "512"),
     "b2-T1024-lr1.2e-2-w50-s2800": _c(2, "1.2e-2", 50, 2800, "--seq-len", "1024"),
+    # the demo's budget once the step ran as 2 CPU shards (~1.4x the bytes/s): 6.6 and 7.4 MB
+    "b8-lr1.2e-2-w50-s3200": _c(8, "1.2e-2", 50, 3200),
+    "b8-lr1.2e-2-w50-s3600": _c(8, "1.2e-2", 50, 3600),
+    # batch 16 as 2 shards of 8: ~40k bytes/s on the idle machine, 8.0 MB in ~200 s
+    "b16-lr1.2e-2-w50-s1950": _c(16, "1.2e-2", 50, 1950),
+    "b16-lr1.5e-2-w50-s1950": _c(16, "1.5e-2", 50, 1950),
     # P=8 at the same global width (8 x 16): half the global positions, ~30% fewer FLOPs a byte
     "b8-P8-DG16-lr1.2e-2-w50-s3600": _c(8, "1.2e-2", 50, 3600, "--patch-size", "8", "--d-global", "16"),
 }
@@ -77,7 +83,7 @@ def run_one(name: str, extra: list[str], steps: int | None, threads: int, out_ro
            "--device", "cpu", "--threads", str(threads), "--out", out, *extra]
     if steps is not None and "--steps" not in extra:
         cmd += ["--steps", str(steps)]
-    load = os.getloadavg()[0]
+    load, sha = os.getloadavg()[0], git_sha()  # the code that runs: taken before, not after, the run
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -93,7 +99,7 @@ def run_one(name: str, extra: list[str], steps: int | None, threads: int, out_ro
         "bytes_per_s": final["train_bytes_per_s"], "heldout_bpb": final["heldout_bpb"],
         "lzma_bpb": final["lzma_bpb"], "train_s": final["train_s"], "wall_s": wall,
         "load_at_start": round(load, 2), "date": _dt.date.today().isoformat(),
-        "unigram_bias": "--no-unigram-bias" not in extra, "git": git_sha(),
+        "unigram_bias": "--no-unigram-bias" not in extra, "git": sha,
         "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU)",
     }
 

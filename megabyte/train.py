@@ -47,21 +47,23 @@ from .signals import StopSignals, TrainingInterrupted
 __all__ = ["DEMO", "run_train", "build_model", "evaluate", "TrainingError", "TrainingInterrupted", "UsageError"]
 
 # The default demo, chosen by measurement (`python -m benchmarks.demo_sweep`; every run is in
-# benchmarks/results/demo-sweep.md). It is budgeted in steps: 2,200 steps of 8 x 256 bytes = 4.5 MB,
+# benchmarks/results/demo-sweep.md). It is budgeted in steps: 1,700 steps of 16 x 256 bytes = 7.0 MB,
 # so the model it trains does not depend on the machine's speed or load. What mattered, at a fixed
 # number of bytes: the peak lr (3.3 MB, batch 16: 2e-3 3.124 bpb, 3e-3 2.995, 5e-3 2.749, 8e-3 2.630,
-# 1.2e-2 2.582); the head bias started at the byte log frequencies (4.5 MB: 2.357 -> 2.266); batch 8
-# over 16 (5.7 MB: 2.086 against 2.145; ~12-25% fewer bytes/s). Narrower or shallower shapes (~1.2x the
-# bytes/s) did no better at the same wall time, 16 MB of distinct training bytes did worse than 4 MB
-# (9 MB seen: 2.064 against 2.027), and fp32 stays: bf16 autocast ran ~9x slower on this AVX2 CPU.
-# `time_budget_cpu` (training seconds, evaluation excluded) is only a safety net: the 2-core machine
-# ran this model at 21.5k-25.6k bytes/s at 2 threads on one day, so 2,200 steps take ~175-210 s (at
-# 2,400 one run reached the cap at step 2,259); a machine too slow to fit them anneals by the clock
-# and stops there (see `lr_at`), so the whole command stays under 4 minutes.
+# 1.2e-2 2.582); the head bias started at the byte log frequencies (4.5 MB: 2.357 -> 2.266); and most
+# of all the bytes seen in the time: since a CPU batch runs as 2 shards in 2 threads
+# (`distributed.CpuShards`) and glibc keeps freed blocks (`keep_freed_memory`), batch 16 ran at
+# ~37k bytes/s on the idle 2-core machine (8 x 256: ~31k), and 8.0 MB of it reached 1.995 (lr
+# 1.2e-2) and 2.002 (1.5e-2), against 2.069-2.077 for batch 8 at 6.6-7.4 MB. Longer windows (T=512,
+# 1024 at the same bytes a step), P=8, narrower or shallower shapes did no better, 16 MB of distinct
+# training bytes did worse than 4 MB (9 MB seen: 2.064 against 2.027), and fp32 stays: bf16 autocast
+# ran ~9x slower on this AVX2 CPU. `time_budget_cpu` (training seconds, evaluation excluded) is only
+# a safety net: at 37.4k bytes/s the 1,700 steps take ~186 s; a machine too slow to fit them anneals
+# by the clock and stops there (see `lr_at`), so the whole command stays under 4 minutes.
 DEMO = dict(
-    seq_len=256, batch_size=8, steps=2200, lr=1.2e-2, min_lr_ratio=0.1, warmup=50, weight_decay=0.1,
+    seq_len=256, batch_size=16, steps=1700, lr=1.2e-2, min_lr_ratio=0.1, warmup=50, weight_decay=0.1,
     patch_size=4, d_global=32, d_local=64, g_layers=4, l_layers=2, g_heads=4, l_heads=4,
-    time_budget_cpu=215, eval_every=1100,
+    time_budget_cpu=215, eval_every=850,
 )
 
 
