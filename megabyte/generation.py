@@ -649,7 +649,7 @@ def generate(model, prompt_ids, max_new_bytes: int, *, temperature: float = 1.0,
                   if return_logits else None)
     n = 0
     if max_new_bytes > 0 and B > 0:
-        with _EvalMode(model), torch.no_grad():
+        with _EvalMode(model):
             if decoder == "static":
                 for n in _static_iter(model, prompts, max_new_bytes, out, all_logits, temperature, top_k, top_p,
                                       eos_id, seed, vocab, check_every, cuda_graphs, info):
@@ -688,21 +688,22 @@ def generate_stream(model, prompt, max_new_bytes: int, *, temperature: float = 1
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            if decoder == "cached":
-                for _, nxt, _ in _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id,
-                                              seed, vocab):
-                    yield int(nxt[0])
-                return
-            out = torch.empty(1, max_new_bytes, dtype=torch.long, device=model.g_embedder.weight.device)
-            sent = 0
-            for n in _static_iter(model, prompts, max_new_bytes, out, None, temperature, top_k, top_p, eos_id,
-                                  seed, vocab, check_every, cuda_graphs, None):
-                for x in out[0, sent:n].tolist():
-                    yield x
-                    if x == eos_id:
-                        return
-                sent = n
+        # no grad-mode context held across the yields: the caller's code runs between them (the
+        # decoders' steps are no_grad themselves)
+        if decoder == "cached":
+            for _, nxt, _ in _decode_iter(model, prompts, max_new_bytes, temperature, top_k, top_p, eos_id,
+                                          seed, vocab):
+                yield int(nxt[0])
+            return
+        out = torch.empty(1, max_new_bytes, dtype=torch.long, device=model.g_embedder.weight.device)
+        sent = 0
+        for n in _static_iter(model, prompts, max_new_bytes, out, None, temperature, top_k, top_p, eos_id,
+                              seed, vocab, check_every, cuda_graphs, None):
+            for x in out[0, sent:n].tolist():
+                yield x
+                if x == eos_id:
+                    return
+            sent = n
     finally:
         model.train(was)
 

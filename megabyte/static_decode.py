@@ -138,15 +138,18 @@ class StaticStepper:
         return [i for i in range(self.last) if s % self.units[i] in self.phases[i]]
 
     # --- public steps -------------------------------------------------------------------------
+    @torch.no_grad()
     def append(self, ids: torch.Tensor) -> None:
         """Write ``ids`` (B,) at byte ``t[b]`` of each row, then ``t += 1``."""
         self.dec.seqs.scatter_(1, self.t[:, None], ids[:, None].to(self.dec.seqs.dtype))
         self.t.add_(1)
 
+    @torch.no_grad()
     def unit_step(self, i: int) -> None:
         """One step of upper stage ``i`` (0 <= i < n-1) for the rows whose unit starts at ``t``."""
         self._steps[i]()
 
+    @torch.no_grad()
     def byte_step(self) -> torch.Tensor:
         """One step of the last (byte) stage and the head -> logits (B, V), ``-inf`` outside ``allowed``."""
         return self._steps[self.last]()
