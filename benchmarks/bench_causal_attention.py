@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import bench_ms, device_record, format_rows, reference_impls, run_context
+from benchmarks.perf_model import attention_flops
 from megabyte_kernels import reference
 from megabyte_kernels.attention import causal_attention, flash_attention, local_attention
 
@@ -109,9 +110,8 @@ def sdpa_impls(backends, gqa: bool) -> dict:
 
 
 def attention_tflops(B: int, Hq: int, N: int, d: int, what: str, ms: float) -> float:
-    """TFLOP/s as FlashAttention counts: 4·B·Hq·N²·d halved for causal, x3.5 for "fwd+bwd"."""
-    flops = 4 * B * Hq * N * N * d / 2 * (3.5 if what == "fwd+bwd" else 1.0)
-    return flops / (ms * 1e-3) / 1e12
+    """TFLOP/s as FlashAttention counts (:func:`benchmarks.perf_model.attention_flops`)."""
+    return attention_flops(B, Hq, N, d, what) / (ms * 1e-3) / 1e12
 
 
 def local_attention_bytes(q_numel: int, kv_numel: int, elt: int, what: str) -> int:

@@ -61,7 +61,7 @@ def _git(*args) -> str:
         return ""
 
 
-def meta_record(device: torch.device, argv: list[str], quick: bool, smoke: bool) -> dict:
+def meta_record(device: torch.device, argv: list[str], quick: bool, smoke: bool, kept_freed: bool) -> dict:
     try:
         import triton
         triton_version = triton.__version__
@@ -83,7 +83,7 @@ def meta_record(device: torch.device, argv: list[str], quick: bool, smoke: bool)
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
-        "keep_freed_memory": keep_freed_memory(),  # idempotent: says whether this process runs so
+        "keep_freed_memory": kept_freed,
         "git_sha": (_git("rev-parse", "HEAD") or "unknown") + ("+dirty" if dirty else ""),
         "command": "python -m benchmarks.run" + "".join(" " + shlex.quote(a) for a in argv),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = a.quick or a.smoke
     if a.threads:
         torch.set_num_threads(a.threads)
-    keep_freed_memory()  # every implementation in this process runs on the allocator `megabyte train` sets
+    kept_freed = keep_freed_memory()  # every implementation in this process: the allocator `megabyte train` sets
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         load, ncpu = os.getloadavg()[0], os.cpu_count() or 1
         if load > ncpu and torch.get_num_threads() > 1:
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--smoke needs --out-dir (smoke results are not results)")
     os.makedirs(out_dir, exist_ok=True)
 
-    meta = meta_record(device, argv, quick, a.smoke)
+    meta = meta_record(device, argv, quick, a.smoke, kept_freed)
     if a.attach:
         for path in a.attach:
             try:
