@@ -1,7 +1,8 @@
 """What the Triton kernels share, in one room (as Liger-Kernel keeps ``ops/utils.py``).
 
-* **Allocation**: :func:`alloc` / :func:`empty_like` make every buffer the Triton path writes
-  (the tests swap in a NaN fill here, once for every op).
+* **Allocation**: :func:`alloc` / :func:`empty_like` / :func:`empty_in_layout_of` make every
+  buffer the Triton path writes (the tests swap in a NaN fill here, once for every op);
+  :func:`rows` and :func:`seq_strides` let the attention kernels read strided views in place.
 * **Autotune configs**: :func:`autotune_configs` (the interpreter's single config or the GPU list) and
   the one pinning switch, ``MEGABYTE_PIN_CONFIGS=1`` (:func:`configs_pinned`,
   :func:`prune_pinned`).
@@ -53,6 +54,53 @@ def alloc(shape, dtype, device) -> torch.Tensor:
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """:func:`alloc` of x's shape, dtype and device (contiguous)."""
     return alloc(x.shape, x.dtype, x.device)
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is unit-stride (the kernels read it through its other strides:
+    the model's ``rearrange``d projections go in without a copy), else a contiguous copy (a
+    ``.sum()`` gradient has stride 0 everywhere)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def layout_order(x: torch.Tensor) -> list[int] | None:
+    """The dims of x from the largest stride to the smallest when x is dense, non-overlapping
+    and unit-stride in its last dim (a permutation of a contiguous tensor, e.g. the (B, N, H, d)
+    storage of a (B, H, N, d) view); None otherwise. Dims of size 1 keep their place."""
+    if x.dim() == 0 or x.numel() == 0 or x.stride(-1) != 1:
+        return None
+    order = sorted(range(x.dim()), key=lambda i: (-x.stride(i) if x.shape[i] > 1 else 0, i))
+    order = [i for i in order if x.shape[i] > 1]
+    ones = [i for i in range(x.dim()) if x.shape[i] == 1]
+    for i in ones:  # a size-1 dim's stride is arbitrary: put it back where it is in x
+        order.insert(min(i, len(order)), i)
+    if order[-1] != x.dim() - 1:
+        return None
+    expect = 1
+    for i in reversed(order):  # dense: each stride is the product of the sizes inside it
+        if x.shape[i] > 1 and x.stride(i) != expect:
+            return None
+        expect *= x.shape[i]
+    return order
+
+
+def empty_in_layout_of(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`alloc` of x's shape in x's memory layout (:func:`layout_order`), contiguous when x
+    has none: an attention output laid out like a ``rearrange``d q is ``rearrange``d back by a
+    view, without a copy (as PyTorch's own flash attention returns a (B, N, H, d) storage)."""
+    dtype = x.dtype if dtype is None else dtype
+    order = layout_order(x)
+    if order is None or order == list(range(x.dim())):
+        return alloc(x.shape, dtype, x.device)
+    buf = alloc([x.shape[i] for i in order], dtype, x.device)
+    return buf.permute([order.index(i) for i in range(x.dim())])
+
+
+def seq_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, N, d) tensor whose last dim is unit-stride, as
+    the attention kernels take them."""
+    assert x.stride(-1) == 1 or x.shape[-1] == 1, "rows must be unit-stride (see rows())"
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def autotune_configs(full: list, interpreter: "triton.Config") -> list:
