@@ -116,21 +116,33 @@ def _local_cases(dtype):
     for d, P, G, H, patches in LOCAL_SHAPES:
         with mock.patch.object(la, "interpreting", lambda: False):  # the GPU's heuristic
             tile = la.tiling(P, G, la.tile_rows_target(d, ELT[dtype]))
-        w = la.num_warps_for(tile["BLOCK_Q"], tile["BLOCK_KV"], d, ELT[dtype])
-        tiles = f"{tile['BLOCK_Q']}x{tile['BLOCK_KV']} w{w}"
+            cpp = la.chunks_per_program(-(-patches * H // G // tile["KS"]), 132)
+        tiles = f"{tile['BLOCK_Q']}x{tile['BLOCK_KV']}"
+        # The model's layout: q, o, dO, dq rearranged from (B*K, P, H*d); k, v chunks of (B*K, P, 2*Hkv*d);
+        # dk, dv contiguous (B*K, Hkv, P, d) (k is not dense, so its gradient is allocated contiguous).
+        Hkv = H // G
+        qs, kvs, dkvs = (P * H * d, d, H * d), (P * 2 * Hkv * d, d, 2 * Hkv * d), (Hkv * P * d, P * d, d)
         for alibi in _alibi_variants(dtype):
-            common = dict(Slopes="*fp32", scale=d ** -0.5, P=P, G=G, H=H, NQ_SEQ=patches * H,
-                          NKV_SEQ=patches * H // G, D=d, SPT_KV=tile["SPT_KV"], SPQ=tile["SPQ"],
-                          N_CHUNKS=tile["N_CHUNKS"], HAS_ALIBI=alibi, UPCAST=False,
+            common = dict(Slopes="*fp32", scale=d ** -0.5, P=P, G=G, H=H, NKV_SEQ=patches * Hkv, D=d,
+                          KS=tile["KS"], NQC=tile["NQC"], CPP=cpp, HAS_ALIBI=alibi, UPCAST=False,
                           DOT_PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_Q=tile["BLOCK_Q"],
                           BLOCK_KV=tile["BLOCK_KV"], BLOCK_D=d)
-            fwd = dict(Q=t, K=t, V=t, O=t, **common)
-            bwd = dict(Q=t, K=t, V=t, DO=t, DQ=t, DK=t, DV=t, **common)
+            fwd = dict(Q=t, K=t, V=t, O=t, **common, **_strides("q", qs), **_strides("k", kvs), **_strides("v", kvs),
+                       **_strides("o", qs))
+            bwd = dict(Q=t, K=t, V=t, DO=t, DQ=t, DK=t, DV=t, **common, **_strides("q", qs), **_strides("k", kvs),
+                       **_strides("v", kvs), **_strides("do", qs), **_strides("dq", qs), **_strides("dk", dkvs),
+                       **_strides("dv", dkvs))
             for kname, args in (("_local_fwd_kernel", fwd), ("_local_bwd_kernel", bwd)):
-                name = f"local_{kname.split('_')[2]} {dtype} d={d} P={P} G={G}{' alibi' if alibi else ''} #0 {tiles}"
-                out.append(_case(name, f"{LA}:{kname}", args, warps=w, stages=3, dtype=dtype,
-                                 list_name="tiling()/num_warps_for()", index=0))
+                w = la.num_warps_for(kname == "_local_bwd_kernel", tile["BLOCK_KV"], ELT[dtype])
+                name = f"local_{kname.split('_')[2]} {dtype} d={d} P={P} G={G}{' alibi' if alibi else ''} #0 {tiles} w{w}"
+                out.append(_case(name, f"{LA}:{kname}", args, warps=w, stages=la.num_stages_for(ELT[dtype]),
+                                 dtype=dtype, list_name="tiling()/num_warps_for()", index=0))
     return out
+
+
+def _strides(name: str, strides) -> dict:
+    """The (batch, head, row) stride arguments of tensor ``name``: stride_{name}b/h/n."""
+    return {f"stride_{name}{axis}": s for axis, s in zip("bhn", strides)}
 
 
 # ------------------------------------------------------------------------------------ patch_embed

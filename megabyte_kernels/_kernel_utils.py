@@ -63,37 +63,14 @@ def rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def layout_order(x: torch.Tensor) -> list[int] | None:
-    """The dims of x from the largest stride to the smallest when x is dense, non-overlapping
-    and unit-stride in its last dim (a permutation of a contiguous tensor, e.g. the (B, N, H, d)
-    storage of a (B, H, N, d) view); None otherwise. Dims of size 1 keep their place."""
-    if x.dim() == 0 or x.numel() == 0 or x.stride(-1) != 1:
-        return None
-    order = sorted(range(x.dim()), key=lambda i: (-x.stride(i) if x.shape[i] > 1 else 0, i))
-    order = [i for i in order if x.shape[i] > 1]
-    ones = [i for i in range(x.dim()) if x.shape[i] == 1]
-    for i in ones:  # a size-1 dim's stride is arbitrary: put it back where it is in x
-        order.insert(min(i, len(order)), i)
-    if order[-1] != x.dim() - 1:
-        return None
-    expect = 1
-    for i in reversed(order):  # dense: each stride is the product of the sizes inside it
-        if x.shape[i] > 1 and x.stride(i) != expect:
-            return None
-        expect *= x.shape[i]
-    return order
-
-
 def empty_in_layout_of(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """:func:`alloc` of x's shape in x's memory layout (:func:`layout_order`), contiguous when x
-    has none: an attention output laid out like a ``rearrange``d q is ``rearrange``d back by a
-    view, without a copy (as PyTorch's own flash attention returns a (B, N, H, d) storage)."""
-    dtype = x.dtype if dtype is None else dtype
-    order = layout_order(x)
-    if order is None or order == list(range(x.dim())):
-        return alloc(x.shape, dtype, x.device)
-    buf = alloc([x.shape[i] for i in order], dtype, x.device)
-    return buf.permute([order.index(i) for i in range(x.dim())])
+    """:func:`alloc` of x's shape with the strides ``torch.empty_like(x)`` gives it: x's own when x
+    is dense, else dense with its dims in x's stride order. An attention output laid out like a
+    ``rearrange``d q is ``rearrange``d back by a view, without a copy (PyTorch's flash attention
+    also returns (B, N, H, d) storage), and so is the gradient of a ``rearrange``d half of a k/v
+    projection. The fake (meta) implementations return ``torch.empty_like`` of the same input."""
+    strides = torch.empty_like(x, device="meta").stride()
+    return alloc((x.numel(),), x.dtype if dtype is None else dtype, x.device).as_strided(x.shape, strides)
 
 
 def seq_strides(x: torch.Tensor) -> tuple[int, int, int]:

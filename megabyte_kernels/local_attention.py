@@ -5,15 +5,19 @@ millions. One flash-attention program per (sequence, head) would run P-row tiles
 ``tl.dot``'s minimum of 16 and launch millions of programs, so this kernel packs several
 sequences into one tile and masks the tile block-diagonally::
 
-    q, o, dO: (B, Hq, P, d) contiguous = a (B*Hq*P, d) matrix; sequence s = b*Hq + h owns rows
-              [s*P, (s+1)*P)
-    k, v:     (B, Hkv, P, d) = a (B*Hkv*P, d) matrix; query sequence s reads key sequence s // G
-              (G = Hq / Hkv: the G query heads of a group are consecutive sequences)
+    q, o, dO, dq: (B, Hq, P, d); sequence s = b*Hq + h, its rows (s, pos) read through the
+                  tensor's (batch, head, row) strides (the last dim unit-stride: the model's
+                  ``rearrange``d projections go in without a copy; o and dq take q's layout)
+    k, v, dk, dv: (B, Hkv, P, d); query sequence s reads key sequence s // G (G = Hq / Hkv: the
+                  G query heads of a group are consecutive sequences)
 
-A program owns SPT_KV consecutive key sequences (BLOCK_KV >= SPT_KV*P rows, one coalesced load
-of k and v) and the SPT_KV*G query sequences that read them, in chunks of SPQ sequences
-(BLOCK_Q >= SPQ*P rows). Per chunk, with r a tile row (query sequence r // P, position r % P)
-and c a tile column (key sequence c // P, position c % P)::
+A *chunk* is KS consecutive key sequences (a BLOCK_KV >= KS*P row tile) and the KS*G*P query
+rows that read them, in NQC sub-chunks of BLOCK_Q rows (a sequence may straddle two: each row's
+softmax needs only its own keys, all in the key tile). A program walks CPP chunks in a
+software-pipelined loop (the next step's loads in flight during this step's math); the tiles
+are small (32 rows, :func:`tile_rows_target`) so that several programs fit on an SM and a score
+tile wastes 3/4 of its elements on the mask, not 15/16. Per step, with r a tile row (query
+sequence, position) and c a tile column (key sequence c // P, position c % P)::
 
     s[r, c] = scale * q[r]·k[c] - slope_h(r) * (pos(r) - pos(c))
               if seq(r) // G == seq(c) and pos(c) <= pos(r), else -inf
@@ -27,9 +31,10 @@ reading o::
     dv += p^T @ dO,   dp = dO @ v^T,   ds = p * (dp - delta),
     dq  = scale * ds @ k,   dk += scale * ds^T @ q
 
-The G query heads that share a key sequence sit in the same program, so the GQA sum for dk/dv is
-a sum over tile rows inside the dots: no atomics, deterministic. Every ``tl.dot`` contracts over
-BLOCK_D, BLOCK_Q or BLOCK_KV, all at least 16.
+The G query heads that share a key sequence sit in the same chunk, so the GQA sum for dk/dv is
+a sum over tile rows inside the dots (and over the chunk's sub-chunks in registers, in order):
+no atomics, deterministic. Every ``tl.dot`` contracts over BLOCK_D, BLOCK_Q or BLOCK_KV, all at
+least 16.
 
 Custom ops: ``megabyte::local_attn_fwd`` and ``megabyte::local_attn_bwd``.
 """
@@ -49,44 +54,44 @@ MAX_N = 128  # the packed kernel holds whole sequences in one tile
 
 
 @triton.jit
-def _local_kv_cols(kv_seq0, offs_d, d_mask, P, NKV_SEQ, D, SPT_KV, BLOCK_KV: tl.constexpr):
-    """The program's key tile: per column c its key sequence and position, whether it is a real
-    row, and the offsets and mask of the k/v rows (SPT_KV sequences from kv_seq0)."""
-    offs_c = tl.arange(0, BLOCK_KV)
-    c_seq = offs_c // P
-    c_pos = offs_c % P
-    c_ok = (c_seq < SPT_KV) & (kv_seq0 + c_seq < NKV_SEQ)
-    kv_off = (kv_seq0.to(tl.int64) * P + offs_c)[:, None] * D + offs_d[None, :]
-    kv_mask = c_ok[:, None] & d_mask[None, :]
-    return c_seq, c_pos, c_ok, kv_off, kv_mask
+def _seq_rows(seq, pos, H, stride_b, stride_h, stride_n):
+    """int64 offsets of the rows (seq, pos) of a (B, H, P, d) tensor, sequence seq = b * H + h,
+    read through its (batch, head, row) strides (the last dim is unit-stride)."""
+    b = (seq // H).to(tl.int64)
+    h = (seq % H).to(tl.int64)
+    return b * stride_b + h * stride_h + pos.to(tl.int64) * stride_n
 
 
 @triton.jit
-def _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D, SPT_KV, SPQ):
-    """Query chunk `chunk` of the program: per row r its query sequence within the program, whether
-    it is a real row, and the offsets and mask of the q (and dO/o/dq) rows."""
-    qs_local = chunk * SPQ + r_seq
-    r_ok = (r_seq < SPQ) & (qs_local < SPT_KV * G) & (q_seq0 + qs_local < NQ_SEQ)
-    q_off = ((q_seq0 + chunk * SPQ).to(tl.int64) * P + offs_r)[:, None] * D + offs_d[None, :]
-    q_mask = r_ok[:, None] & d_mask[None, :]
-    return qs_local, r_ok, q_off, q_mask
+def _local_chunk(pid, it, c_seq, offs_r, P, G, NKV_SEQ, KS, NQC, CPP, BLOCK_Q: tl.constexpr):
+    """Step `it` of program pid: its chunk's first key sequence t0, the query sub-chunk j (of NQC),
+    and per query row r of the sub-chunk its sequence within the chunk, position and validity;
+    per key column whether it is a real row (c_seq < KS and inside the batch)."""
+    c = it // NQC
+    j = it - c * NQC
+    t0 = (pid * CPP + c) * KS
+    qr = j * BLOCK_Q + offs_r  # query row within the chunk's KS * G * P rows
+    qs = qr // P
+    r_pos = qr - qs * P
+    r_ok = (qr < KS * G * P) & (t0 + qs // G < NKV_SEQ)
+    c_ok = (c_seq < KS) & (t0 + c_seq < NKV_SEQ)
+    return t0, j, qs, r_pos, r_ok, c_ok
 
 
 @triton.jit
-def _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G, H,
+def _local_probs(q, k, Slopes, t0, qs, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, G, H,
                  HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """The exact block-diagonal causal softmax p = e * inv_l[:, None] (BLOCK_Q, BLOCK_KV) as its
     unnormalised e = exp2(s2 - rowmax) and the reciprocal inv_l (BLOCK_Q,) of its row sums, fp32:
     one reciprocal per row, and the forward normalises after P·V (a (BLOCK_Q, BLOCK_D) scale)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_ALIBI:
-        head = (q_seq0 + qs_local) % H
+        head = (t0 * G + qs) % H
         slope2 = tl.load(Slopes + head, mask=r_ok, other=0.0).to(tl.float32) * 1.4426950408889634
         # -slope2 * (pos(r) - pos(c)): the row's term -slope2 * pos(r) is a constant of the row and
-        # cancels in this exact softmax, so only the key term is added (one FMA per element;
-        # LLVM folds the converted difference of distance() back into a per-element cvt here)
+        # cancels in this exact softmax, so only the key term is added (one FMA per element)
         s += slope2[:, None] * c_pos.to(tl.float32)[None, :]
-    allowed = ((qs_local // G)[:, None] == c_seq[None, :]) & (c_pos[None, :] <= r_pos[:, None]) & c_ok[None, :]
+    allowed = ((qs // G)[:, None] == c_seq[None, :]) & (c_pos[None, :] <= r_pos[:, None]) & c_ok[None, :]
     s = tl.where(allowed, s, float("-inf"))
     m = tl.max(s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)  # rows with nothing allowed (tile padding) give p = 0
@@ -97,110 +102,155 @@ def _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok
 
 
 @triton.jit
-def _local_fwd_kernel(Q, K, V, O, Slopes, scale, P, G, H, NQ_SEQ, NKV_SEQ, D, SPT_KV, SPQ, N_CHUNKS,
+def _local_fwd_kernel(Q, K, V, O, Slopes, scale, P, G, H, NKV_SEQ, D, KS, NQC, CPP,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                       HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (cdiv(NKV_SEQ, SPT_KV),). Writes o (NQ_SEQ*P, d)."""
+    """Grid (cdiv(NKV_SEQ, KS * CPP),): CPP chunks of KS key sequences per program, each chunk's
+    KS * G * P query rows in NQC sub-chunks of BLOCK_Q rows. Writes o (B, Hq, P, d)."""
     tl.static_assert(BLOCK_Q >= 16 and BLOCK_KV >= 16 and BLOCK_D >= 16, "tl.dot needs dims of at least 16")
     pid = tl.program_id(0)
-    kv_seq0 = pid * SPT_KV
-    q_seq0 = kv_seq0 * G
+    HKV = H // G
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    c_seq, c_pos, c_ok, kv_off, kv_mask = _local_kv_cols(kv_seq0, offs_d, d_mask, P, NKV_SEQ, D, SPT_KV, BLOCK_KV)
-    k = load_tile(K, kv_off, kv_mask, UPCAST)
-    v = load_tile(V, kv_off, kv_mask, UPCAST)
-    qk_scale = scale * 1.4426950408889634
+    offs_c = tl.arange(0, BLOCK_KV)
+    c_seq = offs_c // P
+    c_pos = offs_c - c_seq * P
     offs_r = tl.arange(0, BLOCK_Q)
-    r_seq = offs_r // P
-    r_pos = offs_r % P
-    for chunk in range(0, N_CHUNKS):
-        qs_local, r_ok, q_off, q_mask = _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D,
-                                                      SPT_KV, SPQ)
-        q = load_tile(Q, q_off, q_mask, UPCAST)
-        e, inv_l = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G,
-                                H, HAS_ALIBI, DOT_PREC)
+    qk_scale = scale * 1.4426950408889634
+    for it in range(0, CPP * NQC):  # software-pipelined: the next step's loads overlap this one's math
+        t0, j, qs, r_pos, r_ok, c_ok = _local_chunk(pid, it, c_seq, offs_r, P, G, NKV_SEQ, KS, NQC, CPP, BLOCK_Q)
+        kv_mask = c_ok[:, None] & d_mask[None, :]
+        k_rows = _seq_rows(t0 + c_seq, c_pos, HKV, stride_kb, stride_kh, stride_kn)
+        v_rows = _seq_rows(t0 + c_seq, c_pos, HKV, stride_vb, stride_vh, stride_vn)
+        k = load_tile(K, k_rows[:, None] + offs_d[None, :], kv_mask, UPCAST)
+        v = load_tile(V, v_rows[:, None] + offs_d[None, :], kv_mask, UPCAST)
+        q_mask = r_ok[:, None] & d_mask[None, :]
+        q_rows = _seq_rows(t0 * G + qs, r_pos, H, stride_qb, stride_qh, stride_qn)
+        q = load_tile(Q, q_rows[:, None] + offs_d[None, :], q_mask, UPCAST)
+        e, inv_l = _local_probs(q, k, Slopes, t0, qs, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, G, H,
+                                HAS_ALIBI, DOT_PREC)
         o = tl.dot(e.to(v.dtype), v, input_precision=DOT_PREC) * inv_l[:, None]
-        tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_mask)
+        o_rows = _seq_rows(t0 * G + qs, r_pos, H, stride_ob, stride_oh, stride_on)
+        tl.store(O + o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
-def _local_bwd_kernel(Q, K, V, DO, DQ, DK, DV, Slopes, scale, P, G, H, NQ_SEQ, NKV_SEQ, D, SPT_KV, SPQ, N_CHUNKS,
+def _local_bwd_kernel(Q, K, V, DO, DQ, DK, DV, Slopes, scale, P, G, H, NKV_SEQ, D, KS, NQC, CPP,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                      stride_dqb, stride_dqh, stride_dqn, stride_dkb, stride_dkh, stride_dkn,
+                      stride_dvb, stride_dvh, stride_dvn,
                       HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (cdiv(NKV_SEQ, SPT_KV),). Writes dq (NQ_SEQ*P, d), dk and dv (NKV_SEQ*P, d).
+    """Grid (cdiv(NKV_SEQ, KS * CPP),), the forward's steps. Writes dq (B, Hq, P, d) at every step,
+    dk and dv (B, Hkv, P, d) at the last sub-chunk of each chunk (the GQA sum over the chunk's
+    query rows is in the dots' contraction: no atomics, deterministic).
 
-    Padding rows of a chunk load q = dO = 0, so they add nothing to dk (ds^T @ 0) or dv (p^T @ 0).
+    Padding rows of a sub-chunk load q = dO = 0, so they add nothing to dk (ds^T @ 0) or dv (p^T @ 0).
     """
     tl.static_assert(BLOCK_Q >= 16 and BLOCK_KV >= 16 and BLOCK_D >= 16, "tl.dot needs dims of at least 16")
     pid = tl.program_id(0)
-    kv_seq0 = pid * SPT_KV
-    q_seq0 = kv_seq0 * G
+    HKV = H // G
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    c_seq, c_pos, c_ok, kv_off, kv_mask = _local_kv_cols(kv_seq0, offs_d, d_mask, P, NKV_SEQ, D, SPT_KV, BLOCK_KV)
-    k = load_tile(K, kv_off, kv_mask, UPCAST)
-    v = load_tile(V, kv_off, kv_mask, UPCAST)
+    offs_c = tl.arange(0, BLOCK_KV)
+    c_seq = offs_c // P
+    c_pos = offs_c - c_seq * P
+    offs_r = tl.arange(0, BLOCK_Q)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
-    offs_r = tl.arange(0, BLOCK_Q)
-    r_seq = offs_r // P
-    r_pos = offs_r % P
-    for chunk in range(0, N_CHUNKS):
-        qs_local, r_ok, q_off, q_mask = _local_q_rows(chunk, q_seq0, offs_r, r_seq, offs_d, d_mask, P, G, NQ_SEQ, D,
-                                                      SPT_KV, SPQ)
-        q = load_tile(Q, q_off, q_mask, UPCAST)
-        do = load_tile(DO, q_off, q_mask, UPCAST)
-        e, inv_l = _local_probs(q, k, Slopes, q_seq0, qs_local, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, P, G,
-                                H, HAS_ALIBI, DOT_PREC)
+    for it in range(0, CPP * NQC):
+        t0, j, qs, r_pos, r_ok, c_ok = _local_chunk(pid, it, c_seq, offs_r, P, G, NKV_SEQ, KS, NQC, CPP, BLOCK_Q)
+        kv_mask = c_ok[:, None] & d_mask[None, :]
+        kv_seq = t0 + c_seq
+        k = load_tile(K, _seq_rows(kv_seq, c_pos, HKV, stride_kb, stride_kh, stride_kn)[:, None] + offs_d[None, :],
+                      kv_mask, UPCAST)
+        v = load_tile(V, _seq_rows(kv_seq, c_pos, HKV, stride_vb, stride_vh, stride_vn)[:, None] + offs_d[None, :],
+                      kv_mask, UPCAST)
+        q_mask = r_ok[:, None] & d_mask[None, :]
+        q_seq = t0 * G + qs
+        q = load_tile(Q, _seq_rows(q_seq, r_pos, H, stride_qb, stride_qh, stride_qn)[:, None] + offs_d[None, :],
+                      q_mask, UPCAST)
+        do = load_tile(DO, _seq_rows(q_seq, r_pos, H, stride_dob, stride_doh, stride_don)[:, None] + offs_d[None, :],
+                       q_mask, UPCAST)
+        e, inv_l = _local_probs(q, k, Slopes, t0, qs, r_pos, r_ok, c_seq, c_pos, c_ok, qk_scale, G, H,
+                                HAS_ALIBI, DOT_PREC)
         p = e * inv_l[:, None]
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         delta = tl.sum(p * dp, 1)  # = rowsum(dO * o)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
-        tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
+        dq_rows = _seq_rows(q_seq, r_pos, H, stride_dqb, stride_dqh, stride_dqn)
+        tl.store(DQ + dq_rows[:, None] + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+        if j == 0:  # a new chunk: its key rows start from zero
+            dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
-    dk = dk * scale
-    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        last = kv_mask & (j == NQC - 1)  # the chunk's last sub-chunk: its dk, dv are complete
+        dk_rows = _seq_rows(kv_seq, c_pos, HKV, stride_dkb, stride_dkh, stride_dkn)
+        dv_rows = _seq_rows(kv_seq, c_pos, HKV, stride_dvb, stride_dvh, stride_dvn)
+        tl.store(DK + dk_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=last)
+        tl.store(DV + dv_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=last)
 
 
 # --------------------------------------------------------------------------------------------
 # tiling and launchers
 # --------------------------------------------------------------------------------------------
 def tile_rows_target(block_d: int, elt_bytes: int) -> int:
-    """Query rows per tile aimed at: 64 in the interpreter (fewer wasted ops per tile), on the GPU
-    128 for small 16-bit head dims (more bytes in flight per program), 64 for larger ones
-    (registers), 32 for fp32 (IEEE dots run on CUDA cores with their operands in registers: at
-    d = 64, P = 8 the 64-row tiles spill 22 KB (forward) and 35 KB (backward) per thread on sm_90,
-    32-row tiles at 8 warps none; benchmarks/results/aot-sm90.md)."""
-    if interpreting():
-        return 64
+    """Rows of the key tile aimed at (a query sub-chunk takes as many), the interpreter's as the GPU's.
+
+    32 for 16-bit inputs. Compiled for sm_90 at d = 64, P = 8, G = 1 (benchmarks/results/aot-sm90.md),
+    16 / 32 / 64 rows give forward 64 (4 warps) / 80 (8 warps) / 185 (4 warps) registers and backward
+    93 / 120 / 254 (the old 128-row tile: 172 and 228, one block per SM). 16 rows fit the most warps
+    per SM but waste half of each score tile on the block-diagonal mask and run the most loop steps
+    per byte; 64 rows fit 2 blocks. fp32 (IEEE dots hold their operands in registers): 32 rows up to
+    d = 64, 16 beyond (the 32x64 backward at d = 128 spills 2 KB per thread, the 16x64 8 B)."""
     if elt_bytes >= 4:
-        return 32
-    return 128 if block_d * elt_bytes <= 128 else 64
+        return 32 if block_d <= 64 else 16
+    return 32
 
 
-def num_warps_for(block_q: int, block_kv: int, block_d: int, elt_bytes: int) -> int:
-    """8 warps once the score tile or a key tile would take more than ~64 registers a thread at 4,
-    and always for fp32 (its dots hold their operands in registers: the 32x32 backward at d = 64
-    spills 124 B per thread at 4 warps, none at 8)."""
-    big = block_q * block_kv > 128 * 64 or max(block_q, block_kv) * block_d * elt_bytes > 64 * 128 * 2
-    return 8 if big or elt_bytes >= 4 else 4
+def num_warps_for(backward: bool, block_kv: int, elt_bytes: int) -> int:
+    """Warps per program, the most resident warps per SM in the sm_90 compiles (tile_rows_target()):
+    8 for the backward (d = 64, P = 8: 120 registers, 2 blocks = 16 warps, against 154 at 4 warps,
+    3 blocks = 12), for fp32, and for forward key tiles of 32 rows or more (80 registers, 3 blocks = 24
+    warps, against 113 at 4, 4 blocks = 16); 4 for the 16-row forward tiles of grouped heads (P = 8,
+    G = 8: 80 registers, 6 blocks = 24 warps, against 95 at 8, 2 blocks = 16)."""
+    return 8 if backward or elt_bytes >= 4 or block_kv >= 32 else 4
+
+
+def num_stages_for(elt_bytes: int) -> int:
+    """Software-pipelining depth of the program's loop: 2 for 16-bit inputs (the next step's loads
+    are issued with cp.async before this step's math), 1 for fp32 (pipelined, the d = 64 backward
+    takes 255 registers and spills 360 B per thread instead of 124 and none)."""
+    return 1 if elt_bytes >= 4 else 2
 
 
 def tiling(P: int, G: int, target: int) -> dict:
-    """Sequences per program and tile sizes for sequences of length P and group size G."""
-    spt_kv = max(1, target // (P * G))
-    q_seqs = spt_kv * G
-    spq = min(q_seqs, max(1, target // P))
-    return dict(
-        SPT_KV=spt_kv, SPQ=spq, N_CHUNKS=triton.cdiv(q_seqs, spq),
-        BLOCK_KV=max(16, triton.next_power_of_2(spt_kv * P)),
-        BLOCK_Q=max(16, triton.next_power_of_2(spq * P)),
-    )
+    """The chunk of one program step for sequences of length P and group size G.
+
+    KS key sequences (BLOCK_KV >= KS*P rows: about ``target / G`` rows, at least one sequence and
+    16 rows) and their KS*G*P query rows, in NQC sub-chunks of BLOCK_Q <= ``target`` rows. A query
+    row needs every key of its sequence (the exact softmax), so the key tile is never split."""
+    kv_rows = max(16, triton.next_power_of_2(P), target // G)
+    ks = kv_rows // P
+    q_rows = ks * G * P
+    block_q = max(16, min(triton.next_power_of_2(q_rows), triton.next_power_of_2(target)))
+    return dict(KS=ks, NQC=triton.cdiv(q_rows, block_q), BLOCK_KV=max(16, triton.next_power_of_2(ks * P)),
+                BLOCK_Q=block_q)
+
+
+def chunks_per_program(chunks: int, sms: int) -> int:
+    """CPP, the chunks one program walks (its loop pipelines the loads of one step behind the math
+    of the previous): up to 16, as long as the grid keeps at least 8 programs per SM; 2 in the
+    interpreter (the loop and a partial last program are exercised)."""
+    if interpreting():
+        return 2
+    return max(1, min(16, chunks // (8 * sms)))
 
 
 def _prepare(q, k, alibi_slopes):
@@ -213,27 +263,32 @@ def _prepare(q, k, alibi_slopes):
     meta = dict(**ku.attention_flags(q.dtype, alibi_slopes),
                 BLOCK_Q=t["BLOCK_Q"], BLOCK_KV=t["BLOCK_KV"], BLOCK_D=BLOCK_D)
     nkv = B * k.shape[1]
-    tail = (P, G, H, B * H, nkv, D, t["SPT_KV"], t["SPQ"], t["N_CHUNKS"])
-    grid = (triton.cdiv(nkv, t["SPT_KV"]),)
-    num_warps = num_warps_for(t["BLOCK_Q"], t["BLOCK_KV"], BLOCK_D, elt)
-    return slopes, tail, meta, grid, num_warps
+    chunks = triton.cdiv(nkv, t["KS"])
+    cpp = chunks_per_program(chunks, ku.sm_count(q.device))
+    tail = (P, G, H, nkv, D, t["KS"], t["NQC"], cpp)
+    grid = (triton.cdiv(chunks, cpp),)
+    return slopes, tail, meta, grid, elt
 
 
 def _launch_fwd(q, k, v, alibi_slopes, scale):
-    o = ku.empty_like(q)
+    o = ku.empty_in_layout_of(q)
     if q.numel() == 0:
         return o
-    slopes, tail, meta, grid, nw = _prepare(q, k, alibi_slopes)
-    _local_fwd_kernel[grid](q, k, v, o, slopes, float(scale), *tail, **meta, num_warps=nw)
+    slopes, tail, meta, grid, elt = _prepare(q, k, alibi_slopes)
+    strides = (*ku.seq_strides(q), *ku.seq_strides(k), *ku.seq_strides(v), *ku.seq_strides(o))
+    _local_fwd_kernel[grid](q, k, v, o, slopes, float(scale), *tail, *strides, **meta,
+                            num_warps=num_warps_for(False, meta["BLOCK_KV"], elt), num_stages=num_stages_for(elt))
     return o
 
 
 def _launch_bwd(do, q, k, v, alibi_slopes, scale):
-    dq, dk, dv = ku.empty_like(q), ku.empty_like(k), ku.empty_like(v)
+    dq, dk, dv = ku.empty_in_layout_of(q), ku.empty_in_layout_of(k), ku.empty_in_layout_of(v)
     if q.numel() == 0:
         return dq, dk, dv
-    slopes, tail, meta, grid, nw = _prepare(q, k, alibi_slopes)
-    _local_bwd_kernel[grid](q, k, v, do, dq, dk, dv, slopes, float(scale), *tail, **meta, num_warps=nw)
+    slopes, tail, meta, grid, elt = _prepare(q, k, alibi_slopes)
+    strides = tuple(s for x in (q, k, v, do, dq, dk, dv) for s in ku.seq_strides(x))
+    _local_bwd_kernel[grid](q, k, v, do, dq, dk, dv, slopes, float(scale), *tail, *strides, **meta,
+                            num_warps=num_warps_for(True, meta["BLOCK_KV"], elt), num_stages=num_stages_for(elt))
     return dq, dk, dv
 
 
@@ -244,26 +299,24 @@ def _launch_bwd(do, q, k, v, alibi_slopes, scale):
 def local_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
                    scale: float) -> torch.Tensor:
     """Returns o (B, Hq, P, d) like q."""
-    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), alibi_slopes, scale)
+    return _launch_fwd(ku.rows(q), ku.rows(k), ku.rows(v), alibi_slopes, scale)
 
 
 @local_attn_fwd.register_fake
 def _(q, k, v, alibi_slopes, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return torch.empty_like(ku.rows(q))
 
 
 @torch.library.custom_op("megabyte::local_attn_bwd", mutates_args=())
 def local_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    alibi_slopes: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) shaped like q, k, v; recomputes the softmax (nothing saved but inputs)."""
-    return _launch_bwd(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), alibi_slopes, scale)
+    return _launch_bwd(ku.rows(do), ku.rows(q), ku.rows(k), ku.rows(v), alibi_slopes, scale)
 
 
 @local_attn_bwd.register_fake
 def _(do, q, k, v, alibi_slopes, scale):
-    cf = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
-            torch.empty_like(v, memory_format=cf))
+    return tuple(torch.empty_like(ku.rows(x)) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

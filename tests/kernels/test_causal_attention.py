@@ -210,6 +210,81 @@ def test_torch_compile():
 
 
 # --------------------------------------------------------------------------------------------
+# local attention reads the model's views in place
+# --------------------------------------------------------------------------------------------
+class _PtrSpy:
+    """Wraps a kernel: ``kernel[grid](*args, **meta)`` records the data_ptr of every tensor
+    argument, then launches the real kernel."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.seen.append([a.data_ptr() for a in args if isinstance(a, torch.Tensor)])
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+
+def _model_layout(BK, H, Hkv, P, d, dtype, seed=0):
+    """q, k, v as the local model makes them: q rearranged from a (B*K, P, H*d) projection, k and
+    v the two halves of a (B*K, P, 2*Hkv*d) one (DEVICE leaves of the projections)."""
+    g = torch.Generator().manual_seed(seed)
+    xq = torch.randn(BK, P, H * d, generator=g).to(DEVICE, dtype).requires_grad_()
+    xkv = torch.randn(BK, P, 2 * Hkv * d, generator=g).to(DEVICE, dtype).requires_grad_()
+    q = xq.view(BK, P, H, d).transpose(1, 2)
+    k, v = (t.reshape(BK, P, Hkv, d).transpose(1, 2) for t in xkv.chunk(2, dim=-1))
+    return xq, xkv, q, k, v
+
+
+@needs_triton_path
+def test_local_attention_reads_strided_views_without_copies(monkeypatch):
+    """The kernels get the projections' own storage (no .contiguous() copy of q, k, v or dO),
+    o comes back in q's layout (its rearrange back to (B*K, P, H*d) is a view), and the result
+    still matches the reference."""
+    from megabyte_kernels import local_attention as la
+
+    seen = []
+    for name in ("_local_fwd_kernel", "_local_bwd_kernel"):
+        monkeypatch.setattr(la, name, _PtrSpy(getattr(la, name), seen))
+    xq, xkv, q, k, v = _model_layout(5, 4, 2, 8, 16, torch.float32)
+    o = local_attention(q, k, v)
+    assert seen[0][:3] == [xq.data_ptr(), xkv.data_ptr(), xkv.data_ptr() + 2 * 16 * xkv.element_size()]
+    assert seen[0][3] == o.data_ptr() and o.stride() == q.stride()
+    assert o.transpose(1, 2).reshape(5, 8, 4 * 16).data_ptr() == o.data_ptr()
+    do = torch.randn(5, 8, 4 * 16, device=DEVICE).view(5, 8, 4, 16).transpose(1, 2)
+    o.backward(do)
+    assert seen[1][:4] == seen[0][:3] + [do.data_ptr()]
+    ref = reference.causal_attention(*(x.detach().requires_grad_() for x in (q, k, v)))
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton_path
+def test_local_attention_opcheck_on_the_models_views():
+    """The fake implementations promise the real outputs' strides for strided inputs too."""
+    import megabyte_kernels.local_attention  # noqa: F401 (registers the custom ops)
+
+    _, _, q, k, v = _model_layout(3, 2, 1, 8, 16, torch.float32, seed=2)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    ops = torch.ops.megabyte
+    torch.library.opcheck(ops.local_attn_fwd.default, (q, k, v, None, 0.25))
+    do = torch.randn(3, 8, 2, 16, device=DEVICE).transpose(1, 2)
+    torch.library.opcheck(ops.local_attn_bwd.default, (do, q.detach(), k.detach(), v.detach(), None, 0.25))
+
+
+@needs_triton_path
+def test_local_attention_gradient_of_a_sum():
+    """dO of ``.sum()`` has stride 0 everywhere: copied to rows, the gradients are right."""
+    _, _, q, k, v = _model_layout(3, 2, 1, 8, 16, torch.float32, seed=1)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))  # strided leaves
+    local_attention(q, k, v).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    reference.causal_attention(q64, k64, v64).sum().backward()
+    for a, b in zip((q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad)):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
 # backend="native" on CPU: batched matmuls for short sequences, the reference beyond
 # --------------------------------------------------------------------------------------------
 # (B, Hq, Hkv, N, d, contiguous): both sides of CPU_MATMUL_MAX_N = 128, MQA / GQA / MHA
