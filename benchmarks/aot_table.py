@@ -118,10 +118,10 @@ def _local_cases(dtype):
             tile = la.tiling(P, G, la.tile_rows_target(d, ELT[dtype]))
             cpp = la.chunks_per_program(-(-patches * H // G // tile["KS"]), 132)
         tiles = f"{tile['BLOCK_Q']}x{tile['BLOCK_KV']}"
-        # The model's layout: q, o, dO, dq rearranged from (B*K, P, H*d); k, v chunks of (B*K, P, 2*Hkv*d);
-        # dk, dv contiguous (B*K, Hkv, P, d) (k is not dense, so its gradient is allocated contiguous).
+        # The model's layout: q, o, dO, dq rearranged from (B*K, P, H*d); k, v halves of (B*K, P, 2*Hkv*d);
+        # dk, dv dense in k's dim order (torch.empty_like of k): (B*K, P, Hkv*d) storage.
         Hkv = H // G
-        qs, kvs, dkvs = (P * H * d, d, H * d), (P * 2 * Hkv * d, d, 2 * Hkv * d), (Hkv * P * d, P * d, d)
+        qs, kvs, dkvs = (P * H * d, d, H * d), (P * 2 * Hkv * d, d, 2 * Hkv * d), (P * Hkv * d, d, Hkv * d)
         for alibi in _alibi_variants(dtype):
             common = dict(Slopes="*fp32", scale=d ** -0.5, P=P, G=G, H=H, NKV_SEQ=patches * Hkv, D=d,
                           KS=tile["KS"], NQC=tile["NQC"], CPP=cpp, HAS_ALIBI=alibi, UPCAST=False,
