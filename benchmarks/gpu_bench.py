@@ -357,6 +357,48 @@ def item_local(ctx: Ctx) -> None:
     _attention_rows(ctx, "local", q, k, v, do, impls, figures, info, ctx.plan["local_sdpa"])
 
 
+def item_local_variants(ctx: Ctx) -> None:
+    """The local forward and forward+backward at the target's shape, bf16, beside the ``local``
+    item's rows: on the model's strided views (q rearranged from (B*K, P, H*d), k and v halves of a
+    (B*K, P, 2*Hkv*d) projection: read in place, no copies), and on contiguous tensors with 16- and
+    64-row tiles instead of the default (``local_attention.TILE_ROWS_16BIT``): the tile size the
+    performance model can only estimate, measured."""
+    from megabyte_kernels import local_attention as la
+
+    s = ctx.plan["local"]
+    B, H, Hkv, N, d = s["B"], s["H"], s["Hkv"], s["N"], s["d"]
+    default = la.TILE_ROWS_16BIT
+    xq = ctx.randn(B, N, H * d, seed=1, grad=True)
+    xkv = ctx.randn(B, N, 2 * Hkv * d, seed=2, grad=True)
+    views = (xq.view(B, N, H, d).transpose(1, 2),
+             *(t.reshape(B, N, Hkv, d).transpose(1, 2) for t in xkv.chunk(2, dim=-1)))
+    do_view = ctx.randn(B, N, H * d, seed=4).view(B, N, H, d).transpose(1, 2)
+    q = ctx.randn(B, H, N, d, seed=1, grad=True)
+    k, v = ctx.randn(B, Hkv, N, d, seed=2, grad=True), ctx.randn(B, Hkv, N, d, seed=3, grad=True)
+    do = ctx.randn(B, H, N, d, seed=4)
+    variants = [("triton, the model's views", default, views, (xq, xkv), do_view),
+                ("triton 16-row tiles", 16, (q, k, v), (q, k, v), do),
+                ("triton 64-row tiles", 64, (q, k, v), (q, k, v), do)]
+    info = dict(shape=f"B*K={B} H={H} Hkv={Hkv} P={N} d={d}", dtype="bf16", copy_GB_s=ctx.copy_gbs, **s)
+    try:
+        for what in ("fwd", "fwd+bwd"):
+            for name, rows, inputs, leaves, grad in variants:
+                if ctx.left() <= 0:
+                    return
+
+                def f(*x, rows=rows):  # the forward sets the rows its backward launch reads too
+                    la.TILE_ROWS_16BIT = rows
+                    return local_attention(*x)
+
+                def figures(ms, what=what):
+                    gbs = bca.local_attention_bytes(q.numel(), k.numel(), q.element_size(), what) / (ms * 1e-3) / 1e9
+                    return {"GB/s": gbs, "frac_copy": gbs / ctx.copy_gbs if ctx.copy_gbs else None,
+                            "tile_rows": rows}
+                timed(ctx, "local_variants", name, what, _pass_fn(f, what, inputs, leaves, grad), figures, **info)
+    finally:
+        la.TILE_ROWS_16BIT = default
+
+
 def _op_rows(ctx, item, impls, grad_of, grad, nbytes: dict, info, flops: dict | None = None):
     """Time each impl forward and forward+backward; GB/s against the copy bandwidth; compare vs eager."""
     for what in ("fwd", "fwd+bwd"):
@@ -476,6 +518,7 @@ def item_long_context(ctx: Ctx) -> None:
 
 ITEMS = {
     "flash": item_flash, "flash_parity": item_flash_parity, "local": item_local,
+    "local_variants": item_local_variants,
     "patch_embed": item_patch_embed, "patch_embed_parity": item_patch_embed_parity,
     "global_to_local": item_global_to_local, "global_to_local_parity": item_global_to_local_parity,
     "generation": item_generation, "train_step": item_train_step, "long_context": item_long_context,

@@ -123,7 +123,7 @@ def bench_items(scale: str) -> list[tuple[str, float]]:
         items += [(f"flash/{i}", 12.0), (f"flash_parity/{i}", 8.0)]
     items += [("local", 8.0), ("patch_embed", 6.0), ("patch_embed_parity", 4.0), ("global_to_local", 6.0),
               ("global_to_local_parity", 4.0), ("generation", 30.0), ("train_step", 25.0),
-              ("long_context", 40.0)]
+              ("long_context", 40.0), ("local_variants", 12.0)]
     if scale == "dry":
         items = [(name, 0.0) for name, _ in items]
     return items

@@ -266,6 +266,19 @@ def _frac_row(t: Table, item: str, label: str, goal_key: str) -> None:
           **t.vs_model(item, "fwd"))
 
 
+def _variants_row(t: Table, lab: str) -> None:
+    """The local_variants item's forward rows beside the default tiles' (no goal: information)."""
+    rows = [x for x in t.of("bench", item="local") if x.get("impl") == "triton" and x.get("pass") == "fwd"]
+    rows += [x for x in t.of("bench", item="local_variants") if x.get("pass") == "fwd"]
+    if not any(x["item"] == "local_variants" for x in rows):
+        t.add("bench", f"local fwd {lab}: tile sizes, the model's views", t.why_not("local_variants"),
+              verdict="not run")
+        return
+    fig = "; ".join(f"{x['impl']}: " + (f"{_pct(x['frac_copy'])} of copy" if x.get("frac_copy") is not None
+                                        else x.get("error", "?")[:60]) for x in rows)
+    t.add("bench", f"local fwd {lab}: tile sizes, the model's views", fig)
+
+
 def table_bench(t: Table, scale: str) -> None:
     p = plan.BENCH[scale]
     for i, s in enumerate(p["flash"]):
@@ -286,6 +299,7 @@ def table_bench(t: Table, scale: str) -> None:
     lab = f"B*K={lo['B']:,} H={lo['H']} P={lo['N']} d={lo['d']}"
     _frac_row(t, "local", f"local fwd {lab}: of copy bandwidth", "local_frac_copy")
     _ratio_row(t, "local", "fwd", f"local fwd {lab} vs fastest SDPA", "local_vs_sdpa", "GB/s")
+    _variants_row(t, lab)
     pe = p["patch_embed"]
     lab = f"B={pe['B']} T={pe['T']} P={pe['P']} D_G={pe['D']}"
     _frac_row(t, "patch_embed", f"patch_embed fwd {lab}: of copy bandwidth", "pe_frac_copy")

@@ -211,7 +211,11 @@ def tile_rows_target(block_d: int, elt_bytes: int) -> int:
     d = 64, 16 beyond (the 32x64 backward at d = 128 spills 2 KB per thread, the 16x64 8 B)."""
     if elt_bytes >= 4:
         return 32 if block_d <= 64 else 16
-    return 32
+    return TILE_ROWS_16BIT
+
+
+# The 16-bit rows of tile_rows_target(); gpu-check's local_variants item times 16 and 64 against it.
+TILE_ROWS_16BIT = 32
 
 
 def num_warps_for(backward: bool, block_kv: int, elt_bytes: int) -> int:

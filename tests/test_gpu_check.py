@@ -93,7 +93,10 @@ def test_dry_run_runs_every_stage(dry_runs):
     assert tests["rc"] == 0 and tests["passed"] > 0 and tests["skipped"] > 0  # a GPU-tier test skipped here
     items = {r["item"] for r in rows if r["kind"] == "event" and r["event"] == "done"}
     assert {"flash/0", "flash_parity/1", "local", "patch_embed", "global_to_local_parity", "generation",
-            "train_step", "long_context"} <= items
+            "train_step", "long_context", "local_variants"} <= items
+    variants = [r for r in rows if r["kind"] == "bench" and r["item"] == "local_variants"]
+    assert len(variants) == 6 and all("ms" in r for r in variants), variants  # 3 variants x 2 passes
+    assert {r["tile_rows"] for r in variants} == {16, 32, 64}
     assert "Triton interpreter" in (tmp_path / "gpu_check.log").read_text()
 
 
