@@ -15,8 +15,10 @@ log-sum-exp is ``lse2[i] = log2(sum_j 2^{s2[i, j]})``. Backward, with ``p = 2^{s
     dk[j] = scale * sum_i ds[i, j] q[i]
 
 Shapes: q, o, dO, dq (B, Hq, N, d); k, v, dk, dv (B, Hkv, N, d), any strides with a unit-stride
-last dim (each kernel takes every such tensor's batch, head and row strides); lse2, delta
-(B, Hq, N) fp32 contiguous.
+last dim (each kernel takes every such tensor's batch, head and row strides: the model's
+``rearrange``d projections, (B, N, H*d) storage seen as (B, H, N, d), are read in place); lse2,
+delta (B, Hq, N) fp32 contiguous. o and dq are allocated in q's memory layout, dk in k's, dv in v's
+(``_kernel_utils.empty_in_layout_of``), so the model's ``rearrange`` back of o is a view.
 
 Tiling: the forward and dQ kernels own a block of BLOCK_M query rows of one (b, h) and walk the
 key blocks left of the diagonal unmasked, then the BLOCK_M / BLOCK_N diagonal blocks with the
@@ -102,8 +104,8 @@ def _rows_off_mask(base, offs_rows, offs_d, d_mask, N, stride_n, ROW_MASK: tl.co
     """Offsets and mask of the (rows, BLOCK_D) tile of the sequence at base (its int64 offset: see
     :func:`_seq_base`), rows stride_n apart, columns unit-stride: the head dim padded to BLOCK_D is
     masked, and rows >= N too when ROW_MASK. Row offsets inside a sequence are int32 (64-bit ones
-    cost the pinned bf16 d = 128 compiles 12-65 more registers on sm_90): a sequence must span
-    fewer than 2^31 elements, N * stride_n."""
+    cost the pinned bf16 d = 128 compiles 12-65 more registers on sm_90): the custom ops hand over
+    sequences of N * stride_n < 2^31 elements (:func:`_readable`)."""
     if ROW_MASK:
         mask = (offs_rows[:, None] < N) & d_mask[None, :]
     else:
@@ -459,9 +461,10 @@ def _n_bucket(N: int) -> int:
 # launchers
 # --------------------------------------------------------------------------------------------
 def _launch_fwd(q, k, v, alibi_slopes, scale):
+    """q, k, v as :func:`_readable` hands them over, read in place; o in q's layout."""
     B, H, N, D = q.shape
     G = H // k.shape[1]
-    o = ku.empty_like(q)
+    o = ku.empty_in_layout_of(q)
     lse = ku.alloc((B, H, N), torch.float32, q.device)
     if N == 0 or B * H == 0:
         return o, lse
@@ -490,13 +493,21 @@ def dkdv_head_splits(programs: int, G: int, sms: int) -> int:
     return next((s for s in range(1, G + 1) if G % s == 0 and programs * s >= 4 * sms), G)
 
 
+def _in_layout_of(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """flat, x.numel() contiguous elements, seen with x's shape and the dense strides
+    :func:`~megabyte_kernels._kernel_utils.empty_in_layout_of` gives a buffer for x (``torch.empty_like``'s)."""
+    return flat.as_strided(x.shape, torch.empty_like(x, device="meta").stride())
+
+
 def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
+    """do, q, k, v, o as :func:`_readable` hands them over, read in place; lse contiguous; dq in q's
+    layout, dk in k's, dv in v's."""
     B, H, N, D = q.shape
     HKV = k.shape[1]
     G = H // HKV
-    dq, dk, dv = ku.empty_like(q), ku.empty_like(k), ku.empty_like(v)
+    dq = ku.empty_in_layout_of(q)
     if N == 0 or B * H == 0:
-        return dq, dk, dv
+        return dq, ku.empty_in_layout_of(k), ku.empty_in_layout_of(v)
     BLOCK_D = head_dim_block(D)
     delta = ku.alloc((B, H, N), torch.float32, q.device)
     pre_m = pre_block_m(BLOCK_D)
@@ -511,19 +522,21 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
         max_block_n = max(c[1] for c in gpu_configs("dkdv", BLOCK_D, q.dtype))
         S = dkdv_head_splits(triton.cdiv(N, max_block_n) * B * HKV, G, ku.sm_count(q.device))
     if S == 1:
+        dk, dv = ku.empty_in_layout_of(k), ku.empty_in_layout_of(v)
         dk_out, dv_out, stride_split = dk, dv, 0
-    else:  # fp32 partials (2, S, B*Hkv*N, d): slice s of dk, then of dv
-        partial = ku.alloc((2, S, B * HKV * N, D), torch.float32, q.device)
-        dk_out, dv_out, stride_split = partial[0, 0].view(k.shape), partial[1, 0].view(v.shape), B * HKV * N * D
+    else:  # fp32 partials (2, S, B*Hkv*N*d): slice s of dk, then of dv, each in dk's / dv's layout
+        partial = ku.alloc((2, S, k.numel()), torch.float32, q.device)
+        dk_out, dv_out, stride_split = _in_layout_of(partial[0, 0], k), _in_layout_of(partial[1, 0], v), k.numel()
     qkv_do = ku.seq_strides(q) + ku.seq_strides(k) + ku.seq_strides(v) + ku.seq_strides(do)
     dkdv_args = ((q, k, v, do, lse, delta, dk_out, dv_out, slopes) + tail + (G // S, stride_split) + qkv_do
                  + ku.seq_strides(dk_out) + ku.seq_strides(dv_out))
     dq_args = (q, k, v, do, lse, delta, dq, slopes) + tail + qkv_do + ku.seq_strides(dq)
     dkdv = _tuned(_flash_bwd_dkdv_kernel, "dkdv", BLOCK_D, q.dtype)
     dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * HKV * S,)](*dkdv_args, **meta)
-    if S > 1:  # the fixed-order sum of the slices: deterministic, no atomics
-        dk = ku.sum_leading(partial[0], B * HKV * N, k.dtype).view(k.shape)
-        dv = ku.sum_leading(partial[1], B * HKV * N, v.dtype).view(v.shape)
+    if S > 1:  # the fixed-order sum of the slices over their storage order: deterministic, no atomics
+        R = k.numel() // D
+        dk = _in_layout_of(ku.sum_leading(partial[0].view(S, R, D), R, k.dtype), k)
+        dv = _in_layout_of(ku.sum_leading(partial[1].view(S, R, D), R, v.dtype), v)
     dq_kernel = _tuned(_flash_bwd_dq_kernel, "dq", BLOCK_D, q.dtype)
     dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*dq_args, **meta)
     return dq, dk, dv
@@ -532,33 +545,43 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
 # --------------------------------------------------------------------------------------------
 # custom ops + autograd
 # --------------------------------------------------------------------------------------------
+def _readable(x: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, d) input as the kernels read it: x itself when its rows are unit-stride and one
+    sequence spans fewer than 2^31 elements (N * row stride: the kernels' offsets inside a sequence
+    are int32), else a contiguous copy (:func:`~megabyte_kernels._kernel_utils.rows`: a ``.sum()``
+    gradient has stride 0)."""
+    x = ku.rows(x)
+    return x if x.shape[2] * x.stride(2) < 2 ** 31 else x.contiguous()
+
+
 @torch.library.custom_op("megabyte::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (o (B, Hq, N, d) like q, lse2 (B, Hq, N) fp32, base-2 log-sum-exp)."""
-    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), alibi_slopes, scale)
+    """Returns (o (B, Hq, N, d) in q's layout, lse2 (B, Hq, N) fp32, base-2 log-sum-exp). q, k, v
+    are read through their strides (:func:`_readable`)."""
+    return _launch_fwd(_readable(q), _readable(k), _readable(v), alibi_slopes, scale)
 
 
 @flash_attn_fwd.register_fake
 def _(q, k, v, alibi_slopes, scale):
     B, H, N, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
+    return torch.empty_like(_readable(q)), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("megabyte::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv) shaped like q, k, v."""
-    return _launch_bwd(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(),
-                       lse.contiguous(), alibi_slopes, scale)
+    """Returns (dq, dk, dv) shaped and laid out like q, k, v (:func:`~megabyte_kernels._kernel_utils.
+    empty_in_layout_of`). dO (a ``.sum()`` gradient has stride 0), q, k, v, o are read through their
+    strides (:func:`_readable`)."""
+    return _launch_bwd(_readable(do), _readable(q), _readable(k), _readable(v), _readable(o), lse.contiguous(),
+                       alibi_slopes, scale)
 
 
 @flash_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, alibi_slopes, scale):
-    cf = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
-            torch.empty_like(v, memory_format=cf))
+    return tuple(torch.empty_like(_readable(x)) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
