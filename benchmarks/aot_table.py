@@ -15,7 +15,11 @@ turns into the constexpr 1):
 * flash attention (global): B = 2, N = 8192, H = 16 query heads, multi-query (G = 16, the
   model's default ``g_kv_heads=1``), with and without ALiBi (fp32: with), head dim d = 64 / 128 / 256
   for the three head-dim classes (BLOCK_D = d), scale d^-1/2; the dK/dV kernel with the head
-  slices ``dkdv_head_splits`` picks there for 132 SMs (fp32 partials);
+  slices ``dkdv_head_splits`` picks there for 132 SMs (fp32 partials); the strides of the model's
+  layout (``megabyte/model.py``'s ``Attention``): q, o, dO and dq (B, N, H*d) storage seen as
+  (B, H, N, d), k and v the two halves of a (B, N, 2*Hkv*d) projection, dk and dv (and their
+  fp32 partials) (B, N, Hkv*d) storage, as ``empty_in_layout_of`` (``torch.empty_like``) lays
+  them out for such a k;
 * local attention: 2^20 patches of P = 8 bytes at d = 64 with H = 4 (G = 1) and H = 8 (G = 8,
   multi-query), and 2^17 patches of P = 64 at d = 128, H = 4 (G = 1), with and without ALiBi
   (fp32: with); the tile and warps from ``tiling()`` / ``num_warps_for()`` evaluated as on a GPU;
@@ -70,6 +74,20 @@ def _alibi_variants(dtype):
     return (True,) if dtype == "fp32" else (False, True)
 
 
+def _flash_strides(kernel, d):
+    """The stride arguments of a flash kernel (a JITFunction): the (batch, head, row) strides of each
+    of its (B, H, N, d) tensors in the model's layout (module docstring)."""
+    hkv = H_FLASH // G_FLASH
+    qs = (N_SEQ * H_FLASH * d, d, H_FLASH * d)  # rearrange(to_q(x), "b n (h d) -> b h n d")
+    kvs = (N_SEQ * 2 * hkv * d, d, 2 * hkv * d)  # a half of to_kv(x), rearranged the same way
+    dkvs = (N_SEQ * hkv * d, d, hkv * d)  # torch.empty_like of such a half: (B, N, Hkv*d) storage
+    args = {}
+    for name, strides in (("q", qs), ("k", kvs), ("v", kvs), ("o", qs), ("do", qs), ("dq", qs), ("dk", dkvs),
+                          ("dv", dkvs)):
+        args.update(_strides(name, strides))
+    return {k: v for k, v in args.items() if k in kernel.arg_names}
+
+
 def _flash_cases(dtype):
     """Forward, dK/dV, dQ at every config of their list per head-dim class, and the preprocessing."""
     fa = importlib.import_module(FA)
@@ -95,11 +113,12 @@ def _flash_cases(dtype):
                               HAS_ALIBI=alibi, EVEN_D=True, UPCAST=False,
                               DOT_PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=d)
                 for i, (bm, bn, w, s) in enumerate(rows):
-                    args = {**ptrs[kind], **common, **(dkdv_ints if kind == "dkdv" else {}), "BLOCK_M": bm,
-                            "BLOCK_N": bn}
+                    args = {**ptrs[kind], **common, **(dkdv_ints if kind == "dkdv" else {}),
+                            **_flash_strides(getattr(fa, kname), d), "BLOCK_M": bm, "BLOCK_N": bn}
                     out.append(_case(f"flash_{kind} {dtype} d={d}{' alibi' if alibi else ''} #{i} {bm}x{bn} w{w} s{s}",
                                      f"{FA}:{kname}", args, warps=w, stages=s, dtype=dtype, list_name=lname, index=i))
-        pre = dict(O=t, DO=t, DELTA="*fp32", N=N_SEQ, D=d, BLOCK_M=fa.pre_block_m(d), BLOCK_D=d)
+        pre = dict(O=t, DO=t, DELTA="*fp32", N=N_SEQ, D=d, H=H_FLASH,
+                   **_flash_strides(fa._flash_bwd_preprocess_kernel, d), BLOCK_M=fa.pre_block_m(d), BLOCK_D=d)
         out.append(_case(f"flash_bwd_preprocess {dtype} d={d} #0 {pre['BLOCK_M']}x{d} w4 s3",
                          f"{FA}:_flash_bwd_preprocess_kernel", pre, warps=4, stages=3, dtype=dtype,
                          list_name="pre_block_m()", index=0))

@@ -14,7 +14,11 @@ log-sum-exp is ``lse2[i] = log2(sum_j 2^{s2[i, j]})``. Backward, with ``p = 2^{s
     dq[i] = scale * sum_j ds[i, j] k[j]
     dk[j] = scale * sum_i ds[i, j] q[i]
 
-Shapes: q, o, dO, dq (B, Hq, N, d); k, v, dk, dv (B, Hkv, N, d); lse2, delta (B, Hq, N) fp32.
+Shapes: q, o, dO, dq (B, Hq, N, d); k, v, dk, dv (B, Hkv, N, d), any strides with a unit-stride
+last dim (each kernel takes every such tensor's batch, head and row strides: the model's
+``rearrange``d projections, (B, N, H*d) storage seen as (B, H, N, d), are read in place); lse2,
+delta (B, Hq, N) fp32 contiguous. o and dq are allocated in q's memory layout, dk in k's, dv in v's
+(``_kernel_utils.empty_in_layout_of``), so the model's ``rearrange`` back of o is a view.
 
 Tiling: the forward and dQ kernels own a block of BLOCK_M query rows of one (b, h) and walk the
 key blocks left of the diagonal unmasked, then the BLOCK_M / BLOCK_N diagonal blocks with the
@@ -89,26 +93,25 @@ def _head_dim_mask(offs_d, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _rows_off_mask(base, offs_rows, offs_d, d_mask, N, D, ROW_MASK: tl.constexpr):
-    """Offsets and mask of the (rows, BLOCK_D) tile of an (N, D) row-major matrix at base: the head
-    dim padded to BLOCK_D is masked, and rows >= N too when ROW_MASK."""
+def _seq_base(b, h, stride_b, stride_h):
+    """int64 offset of sequence (b, h) of a (B, H, N, d) tensor with batch and head strides
+    stride_b, stride_h."""
+    return b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _rows_off_mask(base, offs_rows, offs_d, d_mask, N, stride_n, ROW_MASK: tl.constexpr):
+    """Offsets and mask of the (rows, BLOCK_D) tile of the sequence at base (its int64 offset: see
+    :func:`_seq_base`), rows stride_n apart, columns unit-stride: the head dim padded to BLOCK_D is
+    masked, and rows >= N too when ROW_MASK. Row offsets inside a sequence are int32 (64-bit ones
+    cost the pinned bf16 d = 128 compiles 12-65 more registers on sm_90): the custom ops hand over
+    sequences of N * stride_n < 2^31 elements (:func:`_readable`)."""
     if ROW_MASK:
         mask = (offs_rows[:, None] < N) & d_mask[None, :]
     else:
         mask = d_mask[None, :]
-    off = base + offs_rows[:, None] * D + offs_d[None, :]
+    off = base + offs_rows[:, None] * stride_n + offs_d[None, :]
     return off, mask
-
-
-@triton.jit
-def _head_bases(bh, H, G, N, D):
-    """Query head h of program row bh = b * Hq + h, and the int64 bases of its q rows and of the k/v
-    rows of its group g = h // G (b * Hkv + g)."""
-    h = bh % H
-    bkv = (bh // H) * (H // G) + h // G  # b * Hkv + g
-    q_base = bh.to(tl.int64) * N * D
-    kv_base = bkv.to(tl.int64) * N * D
-    return h, q_base, kv_base
 
 
 @triton.jit
@@ -131,16 +134,17 @@ def _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI: tl.constexpr, DOT
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, N, D, qk_scale, slope2,
-               MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+def _fwd_inner(acc, m_i, l_i, q, K, V, k_base, v_base, offs_m, offs_d, d_mask, lo, hi, N, stride_kn, stride_vn,
+               qk_scale, slope2, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax sweep over key blocks [lo, hi) for one query block."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # diagonal blocks may run past N; left of the diagonal every key index is < start_m <= N - 1
-        kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, MASKED)
-        k = load_tile(K, kv_off, kv_mask, UPCAST)
-        v = load_tile(V, kv_off, kv_mask, UPCAST)
+        k_off, kv_mask = _rows_off_mask(k_base, offs_n, offs_d, d_mask, N, stride_kn, MASKED)
+        v_off, _ = _rows_off_mask(v_base, offs_n, offs_d, d_mask, N, stride_vn, MASKED)
+        k = load_tile(K, k_off, kv_mask, UPCAST)
+        v = load_tile(V, v_off, kv_mask, UPCAST)
         if HAS_ALIBI:  # s2 = s_raw * 1
             s_raw, s_scale = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC), 1.0
         else:  # s2 = s_raw * qk_scale, scaled inside the FMA with the max subtraction below
@@ -162,54 +166,62 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, 
 
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, Slopes, scale, N, D, H, G, N_BUCKET,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                       HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes o (B, Hq, N, d) and lse2 (B, Hq, N)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
     tl.static_assert(BLOCK_D >= 16, "tl.dot needs a contraction of at least 16")
     pid_m, bh = _split_pid_longest_first(N, BLOCK_M)  # bh = b * Hq + h
-    h, q_base, kv_base = _head_bases(bh, H, G, N, D)
+    b = bh // H
+    h = bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = _head_dim_mask(offs_d, D, EVEN_D)
-    row_mask = offs_m < N
-    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_off, q_mask = _rows_off_mask(_seq_base(b, h, stride_qb, stride_qh), offs_m, offs_d, d_mask, N, stride_qn, True)
+    q = load_tile(Q, q_off, q_mask, UPCAST)
+    k_base = _seq_base(b, h // G, stride_kb, stride_kh)
+    v_base = _seq_base(b, h // G, stride_vb, stride_vh)
     qk_scale = scale * 1.4426950408889634
     slope2 = _alibi_slope2(Slopes, h, HAS_ALIBI)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, 0, start_m, N, D,
-                               qk_scale, slope2, False, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, kv_base, offs_m, offs_d, d_mask, start_m,
-                               tl.minimum(start_m + BLOCK_M, N), N, D, qk_scale, slope2, True, HAS_ALIBI, UPCAST,
-                               DOT_PREC, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_base, v_base, offs_m, offs_d, d_mask, 0, start_m, N,
+                               stride_kn, stride_vn, qk_scale, slope2, False, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_base, v_base, offs_m, offs_d, d_mask, start_m,
+                               tl.minimum(start_m + BLOCK_M, N), N, stride_kn, stride_vn, qk_scale, slope2, True,
+                               HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
     acc = acc / l_i[:, None]
-    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=row_mask)
+    o_off, o_mask = _rows_off_mask(_seq_base(b, h, stride_ob, stride_oh), offs_m, offs_d, d_mask, N, stride_on, True)
+    tl.store(O + o_off, acc.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N)
 
 
 @triton.jit
-def _flash_bwd_preprocess_kernel(O, DO, DELTA, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _flash_bwd_preprocess_kernel(O, DO, DELTA, N, D, H, stride_ob, stride_oh, stride_on,
+                                 stride_dob, stride_doh, stride_don, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). delta[i] = rowsum(dO[i] * o[i]) in fp32."""
     pid_m, bh = _split_pid(N, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    off = bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :]
-    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    d_mask = offs_d < D
+    o_off, mask = _rows_off_mask(_seq_base(b, h, stride_ob, stride_oh), offs_m, offs_d, d_mask, N, stride_on, True)
+    do_off, _ = _rows_off_mask(_seq_base(b, h, stride_dob, stride_doh), offs_m, offs_d, d_mask, N, stride_don, True)
+    o = tl.load(O + o_off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + do_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, offs_d, d_mask, lo, hi, N, D,
-                    qk_scale, slope2, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, row_base, offs_n, offs_d, d_mask, lo, hi, N,
+                    stride_qn, stride_don, qk_scale, slope2, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dk, dv (BLOCK_N, BLOCK_D) over query blocks [lo, hi) of one query head.
 
     Works on transposed scores sT (BLOCK_N, BLOCK_M) so dk and dv stay row-major in keys.
@@ -219,9 +231,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_mask = offs_m < N
-        off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, D, True)
-        q = load_tile(Q, off, mask, UPCAST)
-        do = load_tile(DO, off, mask, UPCAST)
+        q_off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, stride_qn, True)
+        do_off, _ = _rows_off_mask(do_base, offs_m, offs_d, d_mask, N, stride_don, True)
+        q = load_tile(Q, q_off, mask, UPCAST)
+        do = load_tile(DO, do_off, mask, UPCAST)
         lse2 = tl.load(LSE + row_base + offs_m, mask=row_mask, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=row_mask, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
@@ -239,15 +252,19 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, o
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D, H, G, N_BUCKET, HPS, stride_split,
+                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                           stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                            HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (B*Hkv * cdiv(N, BLOCK_N) * S,), S = G / HPS slices of HPS query heads each.
 
     Program (bkv, key block, slice s) sums the dk, dv (BLOCK_N, d) of the HPS query heads
     s*HPS .. s*HPS + HPS - 1 of group g into DK, DV + s * stride_split: the (B, Hkv, N, d) result
-    when S = 1, else slice s of fp32 partials (S, B, Hkv, N, d) that the launcher sums in a fixed
-    order. Launch order: sequences outer, then key blocks from the first (the longest: it sees every
-    query row) to the last, slices innermost (they share the block's k, v in L2).
+    when S = 1, else slice s of S fp32 partials, each in the result's layout, that the launcher
+    sums in a fixed order. Launch order: sequences outer, then key blocks from the first (the
+    longest: it sees every query row) to the last, slices innermost (they share the block's k, v
+    in L2).
     """
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "the diagonal must cover whole query blocks")
     S = G // HPS
@@ -257,14 +274,14 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
     HKV = H // G
     b = bkv // HKV
     g = bkv % HKV
-    kv_base = bkv.to(tl.int64) * N * D
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = _head_dim_mask(offs_d, D, EVEN_D)
-    kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, True)
-    k = load_tile(K, kv_off, kv_mask, UPCAST)
-    v = load_tile(V, kv_off, kv_mask, UPCAST)
+    k_off, kv_mask = _rows_off_mask(_seq_base(b, g, stride_kb, stride_kh), offs_n, offs_d, d_mask, N, stride_kn, True)
+    v_off, _ = _rows_off_mask(_seq_base(b, g, stride_vb, stride_vh), offs_n, offs_d, d_mask, N, stride_vn, True)
+    k = load_tile(K, k_off, kv_mask, UPCAST)
+    v = load_tile(V, v_off, kv_mask, UPCAST)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -272,32 +289,37 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, scale, N, D,
     # The GQA reduction: one program visits the query heads of its slice in a fixed order.
     for j in range(s * HPS, s * HPS + HPS):
         h = g * G + j
-        bh = b * H + h
-        q_base = bh.to(tl.int64) * N * D
-        row_base = bh.to(tl.int64) * N
+        q_base = _seq_base(b, h, stride_qb, stride_qh)
+        do_base = _seq_base(b, h, stride_dob, stride_doh)
+        row_base = (b * H + h).to(tl.int64) * N
         slope2 = _alibi_slope2(Slopes, h, HAS_ALIBI)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, offs_d, d_mask,
-                                 start_n, diag_end, N, D, qk_scale, slope2, True, HAS_ALIBI, UPCAST, DOT_PREC,
-                                 BLOCK_M)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, row_base, offs_n, offs_d, d_mask,
-                                 start_n + BLOCK_N, N, N, D, qk_scale, slope2, False, HAS_ALIBI, UPCAST,
-                                 DOT_PREC, BLOCK_M)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, row_base, offs_n, offs_d, d_mask,
+                                 start_n, diag_end, N, stride_qn, stride_don, qk_scale, slope2, True, HAS_ALIBI,
+                                 UPCAST, DOT_PREC, BLOCK_M)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, row_base, offs_n, offs_d, d_mask,
+                                 start_n + BLOCK_N, N, N, stride_qn, stride_don, qk_scale, slope2, False, HAS_ALIBI,
+                                 UPCAST, DOT_PREC, BLOCK_M)
     dk = dk * scale
-    out_off = s.to(tl.int64) * stride_split + kv_off
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    split = s.to(tl.int64) * stride_split
+    dk_off, _ = _rows_off_mask(split + _seq_base(b, g, stride_dkb, stride_dkh), offs_n, offs_d, d_mask, N,
+                               stride_dkn, True)
+    dv_off, _ = _rows_off_mask(split + _seq_base(b, g, stride_dvb, stride_dvh), offs_n, offs_d, d_mask, N,
+                               stride_dvn, True)
+    tl.store(DK + dk_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask, lo, hi, N, D, qk_scale, slope2,
-                  MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, offs_m, offs_d, d_mask, lo, hi, N, stride_kn,
+                  stride_vn, qk_scale, slope2, MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dq (BLOCK_M, BLOCK_D) over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off, kv_mask = _rows_off_mask(kv_base, offs_n, offs_d, d_mask, N, D, MASKED)
-        k = load_tile(K, kv_off, kv_mask, UPCAST)
-        v = load_tile(V, kv_off, kv_mask, UPCAST)
+        k_off, kv_mask = _rows_off_mask(k_base, offs_n, offs_d, d_mask, N, stride_kn, MASKED)
+        v_off, _ = _rows_off_mask(v_base, offs_n, offs_d, d_mask, N, stride_vn, MASKED)
+        k = load_tile(K, k_off, kv_mask, UPCAST)
+        v = load_tile(V, v_off, kv_mask, UPCAST)
         s = _scores(q, k, offs_m, offs_n, qk_scale, slope2, HAS_ALIBI, DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -310,32 +332,40 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask,
 
 @triton.jit
 def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, Slopes, scale, N, D, H, G, N_BUCKET,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                         stride_dqb, stride_dqh, stride_dqn,
                          HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M) * B*Hq,). Writes dq (B, Hq, N, d)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal must cover whole key blocks")
     pid_m, bh = _split_pid_longest_first(N, BLOCK_M)
-    h, q_base, kv_base = _head_bases(bh, H, G, N, D)
+    b = bh // H
+    h = bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = _head_dim_mask(offs_d, D, EVEN_D)
     row_mask = offs_m < N
-    off, mask = _rows_off_mask(q_base, offs_m, offs_d, d_mask, N, D, True)
-    q = load_tile(Q, off, mask, UPCAST)
-    do = load_tile(DO, off, mask, UPCAST)
+    q_off, mask = _rows_off_mask(_seq_base(b, h, stride_qb, stride_qh), offs_m, offs_d, d_mask, N, stride_qn, True)
+    do_off, _ = _rows_off_mask(_seq_base(b, h, stride_dob, stride_doh), offs_m, offs_d, d_mask, N, stride_don, True)
+    q = load_tile(Q, q_off, mask, UPCAST)
+    do = load_tile(DO, do_off, mask, UPCAST)
     lse2 = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=row_mask, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=row_mask, other=0.0)
+    k_base = _seq_base(b, h // G, stride_kb, stride_kh)
+    v_base = _seq_base(b, h // G, stride_vb, stride_vh)
     qk_scale = scale * 1.4426950408889634
     slope2 = _alibi_slope2(Slopes, h, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask, 0, start_m, N, D, qk_scale,
-                       slope2, False, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, kv_base, offs_m, offs_d, d_mask, start_m,
-                       tl.minimum(start_m + BLOCK_M, N), N, D, qk_scale, slope2, True, HAS_ALIBI, UPCAST, DOT_PREC,
-                       BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, offs_m, offs_d, d_mask, 0, start_m, N,
+                       stride_kn, stride_vn, qk_scale, slope2, False, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, k_base, v_base, offs_m, offs_d, d_mask, start_m,
+                       tl.minimum(start_m + BLOCK_M, N), N, stride_kn, stride_vn, qk_scale, slope2, True, HAS_ALIBI,
+                       UPCAST, DOT_PREC, BLOCK_N)
     dq = dq * scale
-    tl.store(DQ + off, dq.to(DQ.dtype.element_ty), mask=mask)
+    dq_off, _ = _rows_off_mask(_seq_base(b, h, stride_dqb, stride_dqh), offs_m, offs_d, d_mask, N, stride_dqn, True)
+    tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,14 +461,16 @@ def _n_bucket(N: int) -> int:
 # launchers
 # --------------------------------------------------------------------------------------------
 def _launch_fwd(q, k, v, alibi_slopes, scale):
+    """q, k, v as :func:`_readable` hands them over, read in place; o in q's layout."""
     B, H, N, D = q.shape
     G = H // k.shape[1]
-    o = ku.empty_like(q)
+    o = ku.empty_in_layout_of(q)
     lse = ku.alloc((B, H, N), torch.float32, q.device)
     if N == 0 or B * H == 0:
         return o, lse
     BLOCK_D = head_dim_block(D)
-    args = (q, k, v, o, lse, ku.slopes_arg(alibi_slopes, q.device), float(scale), N, D, H, G, _n_bucket(N))
+    strides = ku.seq_strides(q) + ku.seq_strides(k) + ku.seq_strides(v) + ku.seq_strides(o)
+    args = (q, k, v, o, lse, ku.slopes_arg(alibi_slopes, q.device), float(scale), N, D, H, G, _n_bucket(N)) + strides
     meta = dict(BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, **ku.attention_flags(q.dtype, alibi_slopes))
     kern = _tuned(_flash_fwd_kernel, "fwd", BLOCK_D, q.dtype)
     kern[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*args, **meta)
@@ -461,18 +493,26 @@ def dkdv_head_splits(programs: int, G: int, sms: int) -> int:
     return next((s for s in range(1, G + 1) if G % s == 0 and programs * s >= 4 * sms), G)
 
 
+def _in_layout_of(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """flat, x.numel() contiguous elements, seen with x's shape and the dense strides
+    :func:`~megabyte_kernels._kernel_utils.empty_in_layout_of` gives a buffer for x (``torch.empty_like``'s)."""
+    return flat.as_strided(x.shape, torch.empty_like(x, device="meta").stride())
+
+
 def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
+    """do, q, k, v, o as :func:`_readable` hands them over, read in place; lse contiguous; dq in q's
+    layout, dk in k's, dv in v's."""
     B, H, N, D = q.shape
     HKV = k.shape[1]
     G = H // HKV
-    dq, dk, dv = ku.empty_like(q), ku.empty_like(k), ku.empty_like(v)
+    dq = ku.empty_in_layout_of(q)
     if N == 0 or B * H == 0:
-        return dq, dk, dv
+        return dq, ku.empty_in_layout_of(k), ku.empty_in_layout_of(v)
     BLOCK_D = head_dim_block(D)
     delta = ku.alloc((B, H, N), torch.float32, q.device)
     pre_m = pre_block_m(BLOCK_D)
-    _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m) * B * H,)](o, do, delta, N, D, BLOCK_M=pre_m,
-                                                                    BLOCK_D=BLOCK_D)
+    _flash_bwd_preprocess_kernel[(triton.cdiv(N, pre_m) * B * H,)](
+        o, do, delta, N, D, H, *ku.seq_strides(o), *ku.seq_strides(do), BLOCK_M=pre_m, BLOCK_D=BLOCK_D)
     slopes = ku.slopes_arg(alibi_slopes, q.device)
     meta = dict(BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, **ku.attention_flags(q.dtype, alibi_slopes))
     tail = (float(scale), N, D, H, G, _n_bucket(N))
@@ -482,17 +522,21 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
         max_block_n = max(c[1] for c in gpu_configs("dkdv", BLOCK_D, q.dtype))
         S = dkdv_head_splits(triton.cdiv(N, max_block_n) * B * HKV, G, ku.sm_count(q.device))
     if S == 1:
+        dk, dv = ku.empty_in_layout_of(k), ku.empty_in_layout_of(v)
         dk_out, dv_out, stride_split = dk, dv, 0
-    else:  # fp32 partials (2, S, B*Hkv*N, d): slice s of dk, then of dv
-        partial = ku.alloc((2, S, B * HKV * N, D), torch.float32, q.device)
-        dk_out, dv_out, stride_split = partial[0], partial[1], B * HKV * N * D
-    dkdv_args = (q, k, v, do, lse, delta, dk_out, dv_out, slopes) + tail + (G // S, stride_split)
-    dq_args = (q, k, v, do, lse, delta, dq, slopes) + tail
+    else:  # fp32 partials (2, S, B*Hkv*N*d): slice s of dk, then of dv, each in dk's / dv's layout
+        partial = ku.alloc((2, S, k.numel()), torch.float32, q.device)
+        dk_out, dv_out, stride_split = _in_layout_of(partial[0, 0], k), _in_layout_of(partial[1, 0], v), k.numel()
+    qkv_do = ku.seq_strides(q) + ku.seq_strides(k) + ku.seq_strides(v) + ku.seq_strides(do)
+    dkdv_args = ((q, k, v, do, lse, delta, dk_out, dv_out, slopes) + tail + (G // S, stride_split) + qkv_do
+                 + ku.seq_strides(dk_out) + ku.seq_strides(dv_out))
+    dq_args = (q, k, v, do, lse, delta, dq, slopes) + tail + qkv_do + ku.seq_strides(dq)
     dkdv = _tuned(_flash_bwd_dkdv_kernel, "dkdv", BLOCK_D, q.dtype)
     dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * HKV * S,)](*dkdv_args, **meta)
-    if S > 1:  # the fixed-order sum of the slices: deterministic, no atomics
-        dk = ku.sum_leading(partial[0], B * HKV * N, k.dtype).view(k.shape)
-        dv = ku.sum_leading(partial[1], B * HKV * N, v.dtype).view(v.shape)
+    if S > 1:  # the fixed-order sum of the slices over their storage order: deterministic, no atomics
+        R = k.numel() // D
+        dk = _in_layout_of(ku.sum_leading(partial[0].view(S, R, D), R, k.dtype), k)
+        dv = _in_layout_of(ku.sum_leading(partial[1].view(S, R, D), R, v.dtype), v)
     dq_kernel = _tuned(_flash_bwd_dq_kernel, "dq", BLOCK_D, q.dtype)
     dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)](*dq_args, **meta)
     return dq, dk, dv
@@ -501,33 +545,43 @@ def _launch_bwd(do, q, k, v, o, lse, alibi_slopes, scale):
 # --------------------------------------------------------------------------------------------
 # custom ops + autograd
 # --------------------------------------------------------------------------------------------
+def _readable(x: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, d) input as the kernels read it: x itself when its rows are unit-stride and one
+    sequence spans fewer than 2^31 elements (N * row stride: the kernels' offsets inside a sequence
+    are int32), else a contiguous copy (:func:`~megabyte_kernels._kernel_utils.rows`: a ``.sum()``
+    gradient has stride 0)."""
+    x = ku.rows(x)
+    return x if x.shape[2] * x.stride(2) < 2 ** 31 else x.contiguous()
+
+
 @torch.library.custom_op("megabyte::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (o (B, Hq, N, d) like q, lse2 (B, Hq, N) fp32, base-2 log-sum-exp)."""
-    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), alibi_slopes, scale)
+    """Returns (o (B, Hq, N, d) in q's layout, lse2 (B, Hq, N) fp32, base-2 log-sum-exp). q, k, v
+    are read through their strides (:func:`_readable`)."""
+    return _launch_fwd(_readable(q), _readable(k), _readable(v), alibi_slopes, scale)
 
 
 @flash_attn_fwd.register_fake
 def _(q, k, v, alibi_slopes, scale):
     B, H, N, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
+    return torch.empty_like(_readable(q)), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("megabyte::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv) shaped like q, k, v."""
-    return _launch_bwd(do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(),
-                       lse.contiguous(), alibi_slopes, scale)
+    """Returns (dq, dk, dv) shaped and laid out like q, k, v (:func:`~megabyte_kernels._kernel_utils.
+    empty_in_layout_of`). dO (a ``.sum()`` gradient has stride 0), q, k, v, o are read through their
+    strides (:func:`_readable`)."""
+    return _launch_bwd(_readable(do), _readable(q), _readable(k), _readable(v), _readable(o), lse.contiguous(),
+                       alibi_slopes, scale)
 
 
 @flash_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, alibi_slopes, scale):
-    cf = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=cf), torch.empty_like(k, memory_format=cf),
-            torch.empty_like(v, memory_format=cf))
+    return tuple(torch.empty_like(_readable(x)) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

@@ -189,6 +189,19 @@ def test_opcheck(alibi):
     o, lse = ops.flash_attn_fwd(q, k, v, s, 0.25)
     torch.library.opcheck(ops.flash_attn_bwd.default, (do, q.detach(), k.detach(), v.detach(), o.detach(),
                                                        lse, s, 0.25))
+    # (B, N, H, d) storage seen as (B, H, N, d), GQA: o and dq come back in q's layout, dk and dv in
+    # k's (the head-split partials' sum too: the interpreter splits G = 2 heads in S = 2); the fake
+    # implementations must give the same strides
+    q, k, v, do, slopes = _make(1, 4, 2, 20, 16, False, torch.float32)
+    s = slopes if alibi else None
+    torch.library.opcheck(ops.flash_attn_fwd.default, (q, k, v, s, 0.25))
+    o, lse = ops.flash_attn_fwd(q, k, v, s, 0.25)
+    assert o.stride() == q.stride()
+    do = do.transpose(1, 2).contiguous().transpose(1, 2)  # dO in o's layout, as the model's gradient
+    torch.library.opcheck(ops.flash_attn_bwd.default, (do, q.detach(), k.detach(), v.detach(), o.detach(),
+                                                       lse, s, 0.25))
+    dq, dk, dv = ops.flash_attn_bwd(do, q.detach(), k.detach(), v.detach(), o.detach(), lse, s, 0.25)
+    assert (dq.stride(), dk.stride(), dv.stride()) == (q.stride(), k.stride(), v.stride())
     ql, kl, vl, dol, sl = _make(3, 2, 1, 8, 16, True, torch.float32)
     sl = sl if alibi else None
     torch.library.opcheck(ops.local_attn_fwd.default, (ql, kl, vl, sl, 0.25))
@@ -282,6 +295,111 @@ def test_local_attention_gradient_of_a_sum():
     reference.causal_attention(q64, k64, v64).sum().backward()
     for a, b in zip((q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad)):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# flash attention reads the model's views in place
+# --------------------------------------------------------------------------------------------
+class _NamedPtrSpy:
+    """:class:`_PtrSpy` by argument name (the four flash kernels take their tensors in different
+    orders): records {name: data_ptr} of each tensor argument, then launches the real kernel."""
+
+    def __init__(self, jit, kernel, launches):
+        self.jit, self.kernel, self.launches = jit, kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            ptrs = {n: a.data_ptr() for n, a in zip(self.jit.arg_names, args) if isinstance(a, torch.Tensor)}
+            self.launches.append((self.jit.__name__, ptrs))
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+
+def _spy_flash_launches(monkeypatch) -> list:
+    """(kernel name, {argument: data_ptr}) of every flash kernel launch, in order."""
+    from megabyte_kernels import flash_attention as fa
+
+    launches, tuned = [], fa._tuned
+    monkeypatch.setattr(fa, "_tuned", lambda kernel, *a: _NamedPtrSpy(kernel, tuned(kernel, *a), launches))
+    pre = fa._flash_bwd_preprocess_kernel
+    monkeypatch.setattr(fa, "_flash_bwd_preprocess_kernel", _NamedPtrSpy(pre, pre, launches))
+    return launches
+
+
+@needs_triton_path
+@pytest.mark.parametrize("Hq,Hkv", [(4, 1), (4, 2)], ids=["MQA", "GQA"])
+def test_flash_reads_the_model_layout_in_place(Hq, Hkv, monkeypatch):
+    """megabyte/model.py's layout goes into the kernels as it is, no copy of q, k, v, o or dO
+    (:func:`_model_layout`: q rearranged from (B, N, Hq*d), k and v the halves of (B, N, 2*Hkv*d)):
+    every launch gets those views' own data pointers. o comes back in q's layout, so its rearrange
+    back is a view (as PyTorch's flash SDPA returns); the backward's dO is the view of the incoming
+    (B, N, Hq*d) gradient; dq, in q's layout too, becomes x_q.grad without a copy, and dk, dv
+    (torch.empty_like's layout of a half: (B, N, Hkv*d) storage) rearrange back by views. The
+    gradients match the float64 reference (the head-split partials: the interpreter splits G)."""
+    launches = _spy_flash_launches(monkeypatch)
+    B, N, d = 2, 37, 16
+    xq, xkv, q, k, v = _model_layout(B, Hq, Hkv, N, d, torch.float32)
+    o = flash_attention(q, k, v)
+    assert o.stride() == q.stride()
+    out = o.transpose(1, 2).reshape(B, N, Hq * d)
+    assert out.data_ptr() == o.data_ptr() and out._base is not None, "the rearrange back copied o"
+    (fwd, ptrs), = launches
+    assert fwd == "_flash_fwd_kernel"
+    assert (ptrs["Q"], ptrs["K"], ptrs["V"], ptrs["O"]) == (xq.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr())
+    assert ptrs["K"] == xkv.data_ptr() and ptrs["V"] == xkv.data_ptr() + Hkv * d * xkv.element_size()
+    dout = torch.randn(B, N, Hq * d, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out.backward(dout)
+    names = [name for name, _ in launches[1:]]
+    assert names == ["_flash_bwd_preprocess_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"], names
+    for name, ptrs in launches[1:]:
+        assert ptrs["DO"] == dout.data_ptr(), f"{name}: dO was copied"
+        assert ptrs.get("Q", q.data_ptr()) == q.data_ptr() and ptrs.get("O", o.data_ptr()) == o.data_ptr(), name
+        assert ptrs.get("K", k.data_ptr()) == k.data_ptr() and ptrs.get("V", v.data_ptr()) == v.data_ptr(), name
+    assert launches[-1][1]["DQ"] == xq.grad.data_ptr(), "dq was copied on its way to x_q.grad"
+    grads = {}
+    for dtype in (torch.float64, torch.float32):  # the same values, as the reference sees them
+        rq, rkv, *qkv = _model_layout(B, Hq, Hkv, N, d, dtype)
+        ro = reference.causal_attention(*qkv)
+        ro.transpose(1, 2).reshape(B, N, Hq * d).backward(dout.to(dtype))
+        grads[dtype] = (ro.detach(), rq.grad, rkv.grad)
+    for name, a, lo, hi in zip(("o", "dx_q", "dx_kv"), (o.detach(), xq.grad, xkv.grad), grads[torch.float32],
+                               grads[torch.float64]):
+        _assert_close(name, a, lo, hi, 1e-5)
+
+
+@needs_triton_path
+@pytest.mark.parametrize("contiguous", [True, False], ids=["c", "nc"])
+def test_flash_gradient_of_a_sum(contiguous, monkeypatch):
+    """``o.sum().backward()`` hands the backward a dO of stride 0 everywhere (an expanded scalar):
+    the custom op copies it to unit-stride rows (``_kernel_utils.rows``) and the gradients are
+    right; q still goes in as it is, and dq comes back in q's layout."""
+    launches = _spy_flash_launches(monkeypatch)
+    q, k, v, _, slopes = _make(1, 4, 2, 37, 16, contiguous, torch.float32)
+    o = flash_attention(q, k, v, alibi_slopes=slopes)
+    o.sum().backward()
+    assert all(ptrs["Q"] == q.data_ptr() for name, ptrs in launches if "Q" in ptrs)
+    assert q.grad.stride() == q.stride()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    reference.causal_attention(q64, k64, v64, alibi_slopes=slopes).sum().backward()
+    ql, kl, vl = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    reference.causal_attention(ql, kl, vl, alibi_slopes=slopes).sum().backward()
+    for name, a, lo, hi in zip(("dq", "dk", "dv"), (q, k, v), (ql, kl, vl), (q64, k64, v64)):
+        _assert_close(name, a.grad, lo.grad, hi.grad, 1e-5)
+
+
+def test_flash_copies_sequences_past_int32_offsets():
+    """The flash kernels' offsets inside one (b, h) sequence are int32: an input whose N rows span
+    2^31 elements or more (N * row stride) is handed over contiguous, others as they are (meta
+    tensors: nothing is allocated)."""
+    from megabyte_kernels import flash_attention as fa
+
+    N, d = 1 << 20, 16
+    wide = torch.empty_strided((1, 2, N, d), (2 * N * 2048, 2048, 2048, 1), device="meta")  # N * 2048 = 2^31
+    assert fa._readable(wide).is_contiguous()
+    narrow = torch.empty_strided((1, 2, N, d), (N * 2 * d, d, 2 * d, 1), device="meta")
+    assert fa._readable(narrow) is narrow
+    zero = torch.empty_strided((1, 2, N, d), (0, 0, 0, 0), device="meta")  # a .sum() gradient
+    assert fa._readable(zero).is_contiguous()
 
 
 # --------------------------------------------------------------------------------------------
